@@ -1,0 +1,166 @@
+"""The `hf` backend: transformers + bitsandbytes + PEFT + TRL's SFTTrainer.
+
+Two flavours share this file:
+- the default fast path: norms stay in the compute dtype, non-reentrant gradient
+  checkpointing, TRL's fused LM head (no full logits), Liger's fused RMSNorm/RoPE/SwiGLU
+  kernels where installed on a GPU, SDPA or FlashAttention-2;
+- `stock=True` (the `hf-stock` bench row): what the seed scripts did, i.e.
+  `prepare_model_for_kbit_training` (fp32 norms, reentrant checkpointing), no fused
+  kernels. It exists to measure against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from fastft.errors import FastftError
+
+
+def make(stock: bool = False):
+    return HFBackend(stock=stock)
+
+
+def compute_dtype(recipe) -> torch.dtype:
+    """The recipe's compute dtype, with `auto` resolved for this machine."""
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if recipe.model.dtype != "auto":
+        return named[recipe.model.dtype]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def lora_config(recipe):
+    """PEFT's LoraConfig for the recipe (shared with the merge/export code)."""
+    from peft import LoraConfig
+
+    targets = recipe.lora.target_modules
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=recipe.lora.modules_to_save or None,
+        use_rslora=recipe.lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class HFBackend:
+    def __init__(self, stock: bool = False):
+        self.stock = stock
+        self.name = "hf-stock" if stock else "hf"
+
+    def check(self) -> None:
+        pass  # runs wherever torch does; 4-bit needs bitsandbytes, a hard dependency
+
+    def load_model(self, recipe, model_path: str):
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        dtype = compute_dtype(recipe)
+        kwargs = dict(dtype=dtype, attn_implementation=_attention(recipe), revision=recipe.model.revision or None,
+                      trust_remote_code=recipe.model.trust_remote_code)
+        if recipe.model.quantization != "16bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,  # storage dtype lets FSDP shard it
+            )
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            kwargs["device_map"] = {"": PartialState().local_process_index}  # one full model per rank
+        if not self.stock:
+            _apply_liger(recipe)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+        checkpointing = recipe.train.gradient_checkpointing not in (False, "off")
+        if self.stock and recipe.model.quantization != "16bit":
+            # The seed scripts' path: fp32 norms and reentrant checkpointing.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(recipe.train.seed)  # the same LoRA initialisation on every backend
+        return get_peft_model(model, lora_config(recipe))
+
+    def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args: dict, callbacks: list):
+        from trl import SFTConfig
+
+        from fastft.data import make_collator
+
+        if self.stock:
+            args = dict(args, gradient_checkpointing_kwargs={"use_reentrant": True})
+        config = SFTConfig(**args)
+        trainer_cls = trainer_class(recipe.train.embedding_learning_rate, full_logits=self.stock)
+        return trainer_cls(
+            model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=tokenizer, data_collator=make_collator(tokenizer, recipe.data.packing),
+            callbacks=callbacks,
+        )
+
+
+def _attention(recipe) -> str:
+    if recipe.model.attention != "auto":
+        if recipe.model.attention == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+            raise FastftError("`model.attention = \"flash_attention_2\"` needs the flash-attn package "
+                              "(`pip install flash-attn`); or use \"sdpa\".")
+        return recipe.model.attention
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _apply_liger(recipe) -> None:
+    """Liger's fused Triton kernels for norms, RoPE and SwiGLU, where they can run (NVIDIA GPU)."""
+    if not torch.cuda.is_available() or not importlib.util.find_spec("liger_kernel"):
+        return
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
+
+    from fastft.models import resolve_model
+
+    # Cross-entropy is left to TRL's fused LM head, which already avoids full logits.
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(resolve_model(recipe.model.name)).model_type
+    _apply_liger_kernel(model_type, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                        fused_linear_cross_entropy=False)
+
+
+def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=None):
+    """TRL's SFTTrainer (or `base`), adjusted where fastft needs it.
+
+    - TRL's fused LM head (chunked log-probs, no full logits) is a Triton kernel for CUDA/XPU;
+      elsewhere, and for the stock baseline (`full_logits`), the model computes its own loss.
+    - With `embedding_lr`, trained embeddings get their own parameter group and learning rate.
+    """
+    from transformers import Trainer
+
+    if base is None:
+        from trl import SFTTrainer as base
+
+    class FastftTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if full_logits or inputs["input_ids"].device.type not in ("cuda", "xpu"):
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def create_optimizer(self, model=None):
+            if not embedding_lr or self.optimizer is not None:
+                return super().create_optimizer(model)
+            model = model or self.model
+            embed, rest = [], []
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    is_embedding = ("embed_tokens" in name or "lm_head" in name) and "lora_" not in name
+                    (embed if is_embedding else rest).append(p)
+            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = [{"params": rest, "weight_decay": self.args.weight_decay},
+                      {"params": embed, "weight_decay": 0.0, "lr": embedding_lr}]
+            self.optimizer = opt_cls([g for g in groups if g["params"]], **opt_kwargs)
+            return self.optimizer
+
+    return FastftTrainer
