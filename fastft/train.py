@@ -37,8 +37,12 @@ class Interrupted(FastftError):
 
 
 def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
-        resume: bool = False, overwrite: bool = False, echo=print, backend_options: dict | None = None) -> Path:
-    """Fine-tune per the recipe and return the run folder. Raises `FastftError` on bad input."""
+        resume: bool = False, overwrite: bool = False, echo=print, backend_options: dict | None = None,
+        callbacks: tuple = ()) -> Path:
+    """Fine-tune per the recipe and return the run folder. Raises `FastftError` on bad input.
+
+    `callbacks` are extra `transformers.TrainerCallback`s (tests and benchmarks observe the run with them).
+    """
     started = time.time()
     # --- setup: everything that can be wrong is found before the model loads
     recipe = load_recipe(recipe_path, overrides)
@@ -66,7 +70,7 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     stopper = StopOnSignal()
     trainer = engine.make_trainer(
         recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
-        training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0), callbacks=[MarkComplete(), stopper],
+        training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0), callbacks=[MarkComplete(), stopper, *callbacks],
     )
     with stopper.installed():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

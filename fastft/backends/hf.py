@@ -96,11 +96,25 @@ class HFBackend:
             args = dict(args, gradient_checkpointing_kwargs={"use_reentrant": True})
         config = SFTConfig(**args)
         trainer_cls = trainer_class(recipe.train.embedding_learning_rate, full_logits=self.stock)
-        return trainer_cls(
+        trainer = trainer_cls(
             model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, data_collator=make_collator(tokenizer, recipe.data.packing),
             callbacks=callbacks,
         )
+        keep_trainable_fp32(trainer.model)
+        return trainer
+
+
+def keep_trainable_fp32(model) -> None:
+    """Undo TRL's cast of a quantised model's trainable weights to bf16.
+
+    Trained weights stay fp32 (as PEFT makes them; autocast still computes in bf16): a small
+    learning rate's updates (e.g. 5e-6 on embeddings) fall below bf16's resolution and would
+    be lost, and fp32 compute (CPU) needs fp32 weights.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _attention(recipe) -> str:
