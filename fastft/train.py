@@ -176,12 +176,12 @@ def save_adapter(model, tokenizer, recipe: Recipe, folder: Path) -> None:
     """Save the PEFT adapter and tokenizer into `folder` atomically, pointing at the recipe's model id."""
     swap = atomic_dir(folder)
     try:
+        # Name the recipe's model id, not a cache path, in adapter_config.json and PEFT's model card.
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = recipe.model.name
+        model.get_base_model().config._name_or_path = recipe.model.name
         model.save_pretrained(swap.tmp, safe_serialization=True)
         tokenizer.save_pretrained(swap.tmp)
-        config_path = swap.tmp / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = recipe.model.name  # not a cache or temporary path
-        config_path.write_text(json.dumps(config, indent=2))
         swap.commit()
     except BaseException:
         swap.abort()
