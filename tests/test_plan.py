@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT, RECIPES, tiny_recipe
 from fastft.errors import FastftError
-from fastft.plan import (FALLBACK_STEPS, GIB, UNSLOTH_LOSS_GIB, Job, Setup, Shape, estimate, make_plan, model_shape,
-                         plan_for_run, relative_speed, train_with_fallback)
+from fastft.plan import (FALLBACK_STEPS, GIB, RESERVED_PER_ALLOCATED, UNSLOTH_LOSS_GIB, Job, Setup, Shape, estimate,
+                         make_plan, model_shape, plan_for_run, relative_speed, train_with_fallback)
 from fastft.recipe import ModelConfig, recipe_from_dict
 
 # Three blocks so that checkpointing on and offloaded differ.
@@ -299,3 +299,116 @@ def test_plan_command_prints_the_choice():
     large = CliRunner().invoke(cli, args + ["--gpu-memory", "80"])
     assert "checkpointing off, 4bit base" in large.output.split("chosen: ")[1]
     assert 'proposed, not applied: model.quantization "4bit" -> "16bit"' in large.output
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU to measure memory")
+
+LONG_TEXT = """
+[model]
+name = "{model}"
+quantization = "4bit"
+
+[data]
+path = "{data}"
+format = "text"
+max_length = 2048
+
+[lora]
+r = 16
+alpha = 16
+
+[train]
+max_steps = {steps}
+logging_steps = 1
+report_to = "none"
+{train}
+"""
+
+
+def long_text_recipe(tmp_path, model, steps, train):
+    """Examples of 2048 tokens or more (truncated to 2048): full micro-batches, as in the calibration."""
+    import random
+
+    from conftest import write_jsonl, write_recipe
+
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(["fusion", "plasma", "tokamak", "neutron"]) for _ in range(600))}
+            for _ in range(64)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    return write_recipe(tmp_path / "long.toml", LONG_TEXT.format(model=model, data=data.as_posix(), steps=steps,
+                                                                 train=train))
+
+
+class PeakMemory:
+    """The real hf backend, with a callback measuring peak reserved memory after the first step (warm-up)."""
+
+    name = "hf"
+
+    def __init__(self):
+        from fastft.backends.hf import HFBackend
+
+        self.hf, self.peak_reserved_gib = HFBackend(), None
+
+    def check(self):
+        pass
+
+    def load_model(self, recipe, model_path):
+        return self.hf.load_model(recipe, model_path)
+
+    def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args, callbacks):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Measure(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 1:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                torch.cuda.synchronize()
+                outer.peak_reserved_gib = torch.cuda.max_memory_reserved() / GIB
+
+        trainer = self.hf.make_trainer(recipe, model, tokenizer, train_dataset, eval_dataset, args, callbacks)
+        trainer.add_callback(Measure())
+        return trainer
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_prediction_within_15_percent_of_measured_reserved_memory(tmp_path, monkeypatch):
+    from fastft.plan import job_for
+    from fastft.recipe import load_recipe
+    from fastft.train import run
+
+    backend = PeakMemory()
+    monkeypatch.setattr("fastft.backends.get_backend", lambda name, **options: backend)
+    path = long_text_recipe(tmp_path, "random:llama-3.2-1b", 4, "batch_size = 4\ngradient_checkpointing = true")
+    run(str(path), output=str(tmp_path / "out"))
+    job = job_for(load_recipe(path), "hf", 2048)
+    predicted = sum(estimate(job, Setup(4, 1, "on", "4bit")).values()) / GIB * RESERVED_PER_ALLOCATED
+    print(f"peak reserved: measured {backend.peak_reserved_gib:.2f} GiB, predicted {predicted:.2f} GiB")
+    assert predicted == pytest.approx(backend.peak_reserved_gib, rel=0.15)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_gpu
+def test_plan_for_8b_runs_30_steps_on_a_simulated_16_gib_card(tmp_path):
+    from fastft.train import run
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(16 * GIB / total)
+    try:
+        path = long_text_recipe(tmp_path, "random:llama-3.1-8b", 30, 'batch_size = "auto"\nglobal_batch_size = 8\n'
+                                'gradient_checkpointing = "auto"')
+        # --gpu-memory too: torch versions without get_per_process_memory_fraction cannot see the cap
+        run_dir = run(str(path), output=str(tmp_path / "out"), gpu_memory=16)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    summary = json.loads((run_dir / "fastft.json").read_text())
+    assert summary["steps"] == 30 and summary["plan"]["fallbacks"] == []
