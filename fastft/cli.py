@@ -33,7 +33,9 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
 @click.option("--output", type=click.Path(file_okay=False), help="Run folder (default: train.output_dir or outputs/<recipe>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the output folder from its last complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in the output folder.")
-def run(recipe, backend, overrides, output, resume, overwrite):
+@click.option("--gpu-memory", type=click.FloatRange(min=1), metavar="GiB",
+              help="Plan the recipe's \"auto\" settings for this much GPU memory instead of what is free.")
+def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory):
     """Fine-tune as the RECIPE says and save the LoRA adapter.
 
     \b
@@ -44,7 +46,29 @@ def run(recipe, backend, overrides, output, resume, overwrite):
     from fastft.train import run as run_recipe
 
     run_recipe(recipe, backend=backend, overrides=overrides, output=output, resume=resume, overwrite=overwrite,
-               echo=click.echo)
+               echo=click.echo, gpu_memory=gpu_memory)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpu-memory", type=click.FloatRange(min=1), metavar="GiB",
+              help="The GPU's memory. Default: what the GPU here has free; without a GPU, a 24 GiB card.")
+@click.option("--backend", type=click.Choice(["hf", "unsloth"]), default="hf", show_default=True,
+              help="The backend to plan for (they keep different activations).")
+@set_option
+def plan(recipe, gpu_memory, backend, overrides):
+    """Predict peak GPU memory and speed of each setup for RECIPE, and pick the fastest that fits.
+
+    The candidates split the global batch into micro-batch x accumulation, with gradient
+    checkpointing off, on or offloaded, on a 4-bit or 16-bit base. Nothing is loaded.
+
+    \b
+    Example:
+        fastft plan recipes/fusion_fr_auto.toml --gpu-memory 16 --set model.name=random:llama-3.1-8b
+    """
+    from fastft.plan import plan_command
+
+    click.echo(plan_command(recipe, backend, overrides, gpu_memory))
 
 
 @cli.command()

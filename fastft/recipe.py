@@ -138,11 +138,13 @@ class TrainConfig:
     epochs: float = doc(1.0, "Passes over the training data (ignored when `max_steps` > 0).", min=0)
     max_steps: int = doc(-1, "Optimizer steps to run; -1 means run `epochs`.", min=-1)
     batch_size: Union[int, Literal["auto"]] = doc(
-        8, "Examples per device per micro-batch, or `auto` (chosen by the memory planner).", min=1
+        8, "Examples per device per micro-batch, or `auto`: the memory planner splits `global_batch_size` into "
+        "micro-batch x accumulation (see `fastft plan`).", min=1
     )
     grad_accum: int = doc(1, "Micro-batches per optimizer step (gradient accumulation).", min=1)
     global_batch_size: int = doc(
-        0, "With `batch_size = \"auto\"`: examples per optimizer step, kept fixed; 0 means batch_size x grad_accum.", min=0
+        0, "With `batch_size = \"auto\"`, and required then: examples per optimizer step (all processes together), "
+        "kept fixed whatever the planner picks.", min=0
     )
     learning_rate: float = doc(2e-4, "Peak learning rate of the LoRA weights.", min=0)
     embedding_learning_rate: float = doc(
@@ -160,7 +162,8 @@ class TrainConfig:
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
     seed: int = doc(42, "Seed for data order, LoRA initialisation, dropout and the eval split.", min=0)
     gradient_checkpointing: Union[bool, Literal["auto", "offload"]] = doc(
-        True, "Recompute activations in the backward pass to save memory: true, false, `offload` or `auto`."
+        True, "Recompute activations in the backward pass to save memory: true, false, `offload` or `auto` "
+        "(chosen by the memory planner)."
     )
     logging_steps: int = doc(10, "Log the loss every N optimizer steps.", min=1)
     save_steps: int = doc(0, "Save a checkpoint every N steps; 0 saves only at the end.", min=0)
@@ -320,6 +323,12 @@ def _check_rules(r: Recipe) -> None:
     if r.train.global_batch_size and r.train.batch_size != "auto":
         raise FastftError(f"{src}: `train.global_batch_size` only applies with `train.batch_size = \"auto\"`; "
                           "otherwise the global batch is batch_size x grad_accum.")
+    if r.train.batch_size == "auto" and not r.train.global_batch_size:
+        raise FastftError(f"{src}: `train.batch_size = \"auto\"` needs `train.global_batch_size` (examples per optimizer "
+                          "step, e.g. 8), which the memory planner splits into micro-batch x accumulation.")
+    if r.train.batch_size == "auto" and r.train.grad_accum != 1:
+        raise FastftError(f"{src}: with `train.batch_size = \"auto\"` the memory planner chooses the accumulation: "
+                          "remove `train.grad_accum` and set `train.global_batch_size` to the examples per step.")
     if r.model.trust_remote_code:
         print(f"warning: {src}: `model.trust_remote_code = true` runs code shipped with {r.model.name}.", file=sys.stderr)
 

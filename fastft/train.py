@@ -38,10 +38,11 @@ class Interrupted(FastftError):
 
 def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
         resume: bool = False, overwrite: bool = False, echo=print, backend_options: dict | None = None,
-        callbacks: tuple = ()) -> Path:
+        callbacks: tuple = (), gpu_memory: float | None = None) -> Path:
     """Fine-tune per the recipe and return the run folder. Raises `FastftError` on bad input.
 
     `callbacks` are extra `transformers.TrainerCallback`s (tests and benchmarks observe the run with them).
+    `gpu_memory` (GiB) makes the memory planner plan for that much instead of the free GPU memory.
     """
     started = time.time()
     # --- setup: everything that can be wrong is found before the model loads
@@ -57,23 +58,33 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
 
     tokenizer = load_tokenizer(recipe.model)
     data = prepare(recipe, tokenizer, echo=echo)
-    echo(describe_data(data, recipe))
+    # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
+    # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
+    from fastft.plan import plan_for_run, train_with_fallback
+
+    planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
+    echo(describe_data(data, planned))
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.toml", to_toml(recipe))
 
-    # --- train
-    model = engine.load_model(recipe, resolve_model(recipe.model.name))
-    trainable, total = model.get_nb_trainable_parameters()
-    echo(f"model: {recipe.model.name} ({recipe.model.quantization}), backend {engine.name}, "
-         f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
+    # --- train (again with the next setup down if an automatic plan runs out of GPU memory early)
     stopper = StopOnSignal()
-    trainer = engine.make_trainer(
-        recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
-        training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0), callbacks=[MarkComplete(), stopper, *callbacks],
-    )
-    with stopper.installed():
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    def attempt(recipe: Recipe, watch):
+        model = engine.load_model(recipe, resolve_model(recipe.model.name))
+        trainable, total = model.get_nb_trainable_parameters()
+        echo(f"model: {recipe.model.name} ({recipe.model.quantization}), backend {engine.name}, "
+             f"LoRA r={recipe.lora.r}: {trainable:,} trainable of {total:,} parameters")
+        trainer = engine.make_trainer(
+            recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
+            training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0),
+            callbacks=[MarkComplete(), stopper, watch, *callbacks],
+        )
+        with stopper.installed():
+            return trainer, trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    (trainer, result), recipe = train_with_fallback(planned, plan, attempt, echo=echo)
     if stopper.stopped:
         raise Interrupted(
             f"Interrupted at step {trainer.state.global_step}; a checkpoint was saved in {run_dir / 'checkpoints'}. "
@@ -90,6 +101,7 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
         "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "wall_time_s": round(time.time() - started, 2), "versions": library_versions(), "resumed_from": str(checkpoint or ""),
+        "plan": plan.summary() if plan else None,
     }
     if is_main_process():
         save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter")
@@ -290,7 +302,9 @@ def describe_data(data, recipe: Recipe) -> str:
 
 
 def optimizer_steps_per_epoch(n_examples: int, recipe: Recipe) -> int:
-    batch = recipe.train.batch_size if isinstance(recipe.train.batch_size, int) else 1
+    if recipe.train.batch_size == "auto":  # however the planner splits it, global_batch_size examples per step
+        return max(1, n_examples // recipe.train.global_batch_size)
+    batch = recipe.train.batch_size
     micro_batches = -(-n_examples // (batch * world_size()))
     return max(1, micro_batches // recipe.train.grad_accum)
 
