@@ -5,6 +5,7 @@ import dataclasses
 import importlib.machinery
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -91,7 +92,7 @@ get_backend("hf")
 print(json.dumps({"after_import": after_import, "after_hf": [m for m in heavy if m in sys.modules]}))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["after_import"] == []

@@ -113,6 +113,7 @@ class UnslothBackend:
             ) from None
 
     def load_model(self, recipe, model_path: str):
+        """The base model loaded by Unsloth, with LoRA attached. Raises `FastftError` for what Unsloth cannot honour."""
         from transformers import AutoConfig
         from unsloth import FastLanguageModel
 
@@ -147,10 +148,11 @@ class UnslothBackend:
             raise FastftError(f"`lora.modules_to_save` = {recipe.lora.modules_to_save}: {e} Or use `--backend hf`.") from None
         finally:
             base_config._name_or_path = name
+        # The adapter is saved by train.save_adapter: PEFT's own save_pretrained behind Unsloth's thin
+        # wrapper (unsloth/save.py unsloth_model_save_pretrained), then base_model_name_or_path is set
+        # to the recipe's id. unsloth_zoo's fix_lora_auto_mapping also stamps {"unsloth_fixed": true}
+        # into the config; stock PEFT writes no auto_mapping for a causal LM, so drop it.
         for peft_config in model.peft_config.values():
-            peft_config.base_model_name_or_path = recipe.model.name
-            # unsloth_zoo fix_lora_auto_mapping stamps {"unsloth_fixed": true, ...} into the adapter
-            # config; stock PEFT writes none for a causal LM, and fastft adapters stay stock.
             if (peft_config.auto_mapping or {}).get("unsloth_fixed"):
                 peft_config.auto_mapping = None
         return model
