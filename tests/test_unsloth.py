@@ -99,6 +99,33 @@ print(json.dumps({"after_import": after_import, "after_hf": [m for m in heavy if
     assert "unsloth" not in loaded["after_hf"]
 
 
+def test_run_checks_the_backend_before_importing_hugging_face_libraries(tmp_path):
+    """`fastft run` reaches the backend's check() (where Unsloth is imported) with transformers/PEFT/TRL unloaded."""
+    code = f"""
+import sys, types
+import fastft.backends
+from fastft.errors import FastftError
+
+class Probe:
+    name = "probe"
+    def check(self):
+        raise FastftError("loaded: " + ",".join(m for m in ("transformers", "peft", "trl") if m in sys.modules))
+
+sys.modules["probe_backend"] = types.SimpleNamespace(make=lambda **options: Probe())
+fastft.backends.BACKENDS["probe"] = "probe_backend"
+from fastft.train import run
+try:
+    run({str(tiny_recipe(tmp_path))!r}, backend="probe", output={str(tmp_path / "out")!r})
+except FastftError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "loaded:"
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- options
 
 
