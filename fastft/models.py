@@ -109,14 +109,24 @@ def _build(arch: str, folder: Path) -> None:
         model_type, **shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None, torch_dtype="float32" if arch == "tiny" else "bfloat16",
     )
-    torch.manual_seed(0)  # the same weights on every machine
     dtype = torch.float32 if arch == "tiny" else torch.bfloat16
-    with torch.device("cpu"):
+    device = "cpu"
+    if arch != "tiny" and torch.cuda.is_available():
+        # Random init is the slow part: about a minute per billion parameters on a few CPU cores
+        # (an 8B model would take many minutes), seconds on a GPU. Use the GPU when the model fits.
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, dtype=dtype).parameters())
+        device = "cuda" if size * dtype.itemsize < 0.8 * torch.cuda.mem_get_info()[0] else "cpu"
+    torch.manual_seed(0)  # the same weights on every machine that builds on the same kind of device
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the run that asked for the model loads it next
     tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
 
 
