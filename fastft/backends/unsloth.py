@@ -160,7 +160,7 @@ class UnslothBackend:
     def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args: dict, callbacks: list):
         from unsloth import UnslothTrainer, UnslothTrainingArguments
 
-        from fastft.backends.hf import trainer_class
+        from fastft.backends.hf import keep_trainable_fp32, trainer_class
 
         # Unsloth's own embedding_learning_rate grouping (unsloth/trainer.py _create_unsloth_optimizer)
         # decays the embeddings and counts any modules_to_save entry (a norm too) as an embedding;
@@ -171,6 +171,7 @@ class UnslothBackend:
             eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=data_collator(recipe, tokenizer),
             callbacks=callbacks,
         )
+        keep_trainable_fp32(trainer.model)  # as on `hf`: TRL casts them to bf16 on a 4-bit base
         if recipe.data.packing:
             # A custom collator makes Unsloth skip its own padding-free setup (trainer.py
             # _patch_sft_trainer_auto_packing: `blocked`). This adds what it would: each batch's
