@@ -119,7 +119,8 @@ def _read_file(path: Path, cfg: DataConfig) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                records.append(Record(str(path), n, {"__error__": f"not valid JSON ({e.msg} at column {e.colno})"}))
+                error = f"not valid JSON ({e.msg} at column {e.colno}); each line of a .jsonl file must be one JSON object"
+                records.append(Record(str(path), n, {"__error__": error}))
                 continue
             if not isinstance(obj, dict):
                 obj = {"__error__": f"expected a JSON object, got {type(obj).__name__}"}
