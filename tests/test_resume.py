@@ -95,7 +95,7 @@ def test_interrupt_saves_a_checkpoint_and_prints_the_exact_resume_command(refere
     proc = subprocess.Popen([sys.executable, "-m", "fastft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     output = ""
-    while "'loss'" not in output:  # the Trainer prints each logged step as a dict
+    while "{'loss': " not in output:  # the Trainer prints each logged step as a dict
         line = proc.stdout.readline()
         assert line, f"run ended before logging a step: {output}"
         output += line
