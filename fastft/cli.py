@@ -35,7 +35,10 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in the output folder.")
 @click.option("--gpu-memory", type=click.FloatRange(min=1), metavar="GiB",
               help="Plan the recipe's \"auto\" settings for this much GPU memory instead of what is free.")
-def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory):
+@click.option("--allow-pickle", is_flag=True,
+              help="Load model or checkpoint weights stored as pickle (.bin/.pt), which can run code; "
+                   "for trusted files only.")
+def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory, allow_pickle):
     """Fine-tune as the RECIPE says and save the LoRA adapter.
 
     \b
@@ -46,7 +49,7 @@ def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory):
     from fastft.train import run as run_recipe
 
     run_recipe(recipe, backend=backend, overrides=overrides, output=output, resume=resume, overwrite=overwrite,
-               echo=click.echo, gpu_memory=gpu_memory)
+               echo=click.echo, gpu_memory=gpu_memory, allow_pickle=allow_pickle)
 
 
 @cli.command()
@@ -104,7 +107,10 @@ def main():
         cli.main(standalone_mode=False)
     except FastftError as e:
         message = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
-        click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+        label = "error: " if e.exit_code == 2 else "stopped: "
+        click.echo(click.style(label, fg="red", bold=True) + message, err=True)
+        if getattr(e, "command", ""):  # a command to copy, unwrapped on its own line
+            click.echo("    " + e.command, err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -92,6 +92,8 @@ def read_records(paths: list[str], cfg: DataConfig) -> list[Record]:
 
 
 def _read_file(path: Path, cfg: DataConfig) -> list[Record]:
+    if path.is_dir():
+        raise FastftError(f"{path} is a folder; `data.path` takes files. List them: `path = [\"a.jsonl\", \"b.jsonl\"]`.")
     if not path.is_file():
         raise FastftError(f"{path}: data file not found. `data.path` is resolved relative to the recipe file; check it.")
     suffix = path.suffix.lower()
@@ -117,7 +119,8 @@ def _read_file(path: Path, cfg: DataConfig) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                records.append(Record(str(path), n, {"__error__": f"not valid JSON ({e.msg} at column {e.colno})"}))
+                error = f"not valid JSON ({e.msg} at column {e.colno}); each line of a .jsonl file must be one JSON object"
+                records.append(Record(str(path), n, {"__error__": error}))
                 continue
             if not isinstance(obj, dict):
                 obj = {"__error__": f"expected a JSON object, got {type(obj).__name__}"}
@@ -196,8 +199,14 @@ def _text(record: Record, data: dict, name: str, required: bool = True) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise RecordError(f"{record.where}: field `{name}` is a {type(value).__name__}, expected text.")
+        raise RecordError(f"{record.where}: field `{name}` is a {type(value).__name__} ({_short(value)}), expected "
+                          "text. Make it a string in the data.")
     return value
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _render_chat(record: Record, data: dict, cfg: DataConfig, tokenizer) -> list[tuple[str, bool]]:
@@ -287,10 +296,12 @@ def prepare(recipe: Recipe, tokenizer, echo=print) -> Prepared:
     train_records = read_records(cfg.path, cfg)
     eval_records = read_records(cfg.eval_path, cfg) if cfg.eval_path else []
     if cfg.format == "qa":
-        _check_template_fields(train_records, cfg)
-    stats: dict = {"skipped_records": []}
-    train, train_previews = _tokenize_records(train_records, recipe, tokenizer, stats, "train")
-    evals, _ = _tokenize_records(eval_records, recipe, tokenizer, {"skipped_records": []}, "eval")
+        _check_template_fields(train_records, cfg, recipe.source)
+    stats: dict = {}
+    skipped: list[tuple[Record, str]] = []  # with data.on_error = "skip": each bad record and why
+    train, train_previews = _tokenize_records(train_records, recipe, tokenizer, stats, "train", skipped)
+    evals, _ = _tokenize_records(eval_records, recipe, tokenizer, {}, "eval", skipped)
+    stats["skipped_records"] = [r.where for r, _ in skipped]
     if cfg.eval_fraction:
         order = list(range(len(train)))
         random.Random(recipe.train.seed).shuffle(order)
@@ -309,31 +320,48 @@ def prepare(recipe: Recipe, tokenizer, echo=print) -> Prepared:
     digest = hashlib.sha256()
     for ids, labels in zip(train.input_ids + evals.input_ids, train.labels + evals.labels):
         digest.update(json.dumps([ids, labels]).encode())
-    if stats["skipped_records"]:
-        lines = ", ".join(stats["skipped_records"][:10])
-        echo(f"warning: skipped {len(stats['skipped_records'])} bad records (data.on_error = \"skip\"): {lines}"
-             + (" ..." if len(stats["skipped_records"]) > 10 else ""))
+    if skipped:
+        echo(describe_skipped(skipped, len(train_records) + len(eval_records)))
     return Prepared(train, evals, stats, train_previews, "sha256:" + digest.hexdigest()[:16])
 
 
-def _check_template_fields(records: list[Record], cfg: DataConfig) -> None:
+def describe_skipped(skipped: list[tuple[Record, str]], total: int) -> str:
+    """One warning naming how many records were skipped, their lines per file, and the first reason."""
+    by_file: dict[str, list[int]] = {}
+    for r, _ in skipped:
+        by_file.setdefault(r.file, []).append(r.line)
+    places = "; ".join(
+        f"{file} line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:20]))}"
+        + (f" and {len(lines) - 20} more" if len(lines) > 20 else "")
+        for file, lines in by_file.items()
+    )
+    return (f"warning: skipped {len(skipped)} of {total} records with errors (data.on_error = \"skip\"): {places}. "
+            f"The first: {skipped[0][1]}")
+
+
+def _check_template_fields(records: list[Record], cfg: DataConfig, source: str) -> None:
     """A placeholder that no record has is a template mistake, not a data one: say so once."""
+    import difflib
+
     seen = set()
     for r in records:
         seen |= set(r.data)
     seen |= {new for new, old in cfg.field_map.items() if old in seen}
+    fields = sorted(seen - {"__error__"})
     for name in template_fields(cfg.template):
         if name not in seen:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
             raise FastftError(
-                f"`data.template` uses `{{{name}}}`, but no record in {records[0].file} has a field `{name}` "
-                f"(fields: {', '.join(f'`{k}`' for k in sorted(seen - {'__error__'}))}). Fix the template, "
+                f"{source}: `data.template` uses `{{{name}}}`, but no record in {records[0].file} has a field `{name}`"
+                + (f" (did you mean `{{{close[0]}}}`?)" if close else "")
+                + f"; the records have {', '.join(f'`{k}`' for k in fields) or 'no fields'}. Fix the template, "
                 f"or map a column with `data.field_map = {{{name} = \"column\"}}`."
             )
 
 
-def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: str):
+def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: str, skipped: list):
     cfg = recipe.data
-    segments, kept = [], []
+    segments, kept, first_skipped = [], [], len(skipped)
     for r in records:
         try:
             segments.append(render(r, cfg, tokenizer))
@@ -341,7 +369,10 @@ def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: st
         except RecordError as e:
             if cfg.on_error == "fail":
                 raise FastftError(f"{e} Or set `data.on_error = \"skip\"` to skip bad records.") from None
-            stats["skipped_records"].append(r.where)
+            skipped.append((r, str(e)))
+    if records and not segments:
+        raise FastftError(f"{records[0].file}: all {len(records)} {split} records are bad, so nothing is left to train "
+                          f"on. The first: {skipped[first_skipped][1]}")
     result, previews = Split(), []
     truncated = dropped_tokens = no_loss = 0
     for segs, (ids, labels, offsets) in zip(segments, tokenize(segments, tokenizer, cfg.train_on, cfg.format == "chat")):

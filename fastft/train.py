@@ -31,16 +31,22 @@ COMPLETE_MARK = "fastft-complete"  # written last into a checkpoint: its absence
 
 
 class Interrupted(FastftError):
-    """Training stopped on Ctrl-C/SIGTERM after saving a checkpoint."""
+    """Training stopped on Ctrl-C/SIGTERM after saving a checkpoint; `command` resumes it."""
 
     exit_code = 130
+
+    def __init__(self, message: str, command: str = ""):
+        super().__init__(message)
+        self.command = command  # printed on a line of its own, so it can be copied as is
 
 
 def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
         resume: bool = False, overwrite: bool = False, echo=print, backend_options: dict | None = None,
-        callbacks: tuple = (), gpu_memory: float | None = None) -> Path:
-    """Fine-tune per the recipe and return the run folder. Raises `FastftError` on bad input.
+        callbacks: tuple = (), gpu_memory: float | None = None, allow_pickle: bool = False) -> Path:
+    """Fine-tune per the recipe and return the run folder.
 
+    Raises `FastftError` on bad input (before the model loads) and when memory runs out,
+    and `Interrupted` (exit code 130) after Ctrl-C/SIGTERM has saved a checkpoint.
     `callbacks` are extra `transformers.TrainerCallback`s (tests and benchmarks observe the run with them).
     `gpu_memory` (GiB) makes the memory planner plan for that much instead of the free GPU memory.
     """
@@ -52,6 +58,10 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     engine = get_backend(backend, **(backend_options or {}))  # Unsloth, if chosen, is imported here, first
     run_dir = Path(output or recipe.train.output_dir or Path("outputs") / recipe.name)
     checkpoint = claim_run_dir(run_dir, resume, overwrite)
+    if checkpoint:
+        check_resumable(run_dir, checkpoint, recipe, allow_pickle)
+    if Path(recipe.model.name).is_dir():
+        refuse_pickle_weights(Path(recipe.model.name), "`model.name`", allow_pickle)
 
     from fastft.data import prepare
     from fastft.models import load_tokenizer, resolve_model
@@ -64,7 +74,13 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
 
     planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
     echo(describe_data(data, planned))
+    if checkpoint:
+        check_same_data(checkpoint, data.fingerprint)
     if is_main_process():
+        if overwrite:
+            clear_run_dir(run_dir)  # only now that the new run's inputs are known to be good
+        if checkpoint:
+            drop_incomplete_checkpoints(run_dir, echo)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.toml", to_toml(recipe))
 
@@ -79,16 +95,20 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
         trainer = engine.make_trainer(
             recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
             training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0),
-            callbacks=[MarkComplete(), stopper, watch, *callbacks],
+            callbacks=[MarkComplete(data.fingerprint), stopper, watch, *callbacks],
         )
+        if checkpoint:
+            echo(f"resuming from {checkpoint}")
         with stopper.installed():
             return trainer, trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    (trainer, result), recipe = train_with_fallback(planned, plan, attempt, echo=echo)
-    if stopper.stopped:
+    with explain_out_of_memory(planned, data, run_dir):
+        (trainer, result), recipe = train_with_fallback(planned, plan, attempt, echo=echo)
+    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(
-            f"Interrupted at step {trainer.state.global_step}; a checkpoint was saved in {run_dir / 'checkpoints'}. "
-            f"Resume with: {resume_command(recipe_path, backend, overrides, output)}"
+            f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved in "
+            f"{run_dir / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}. Resume with:",
+            command=resume_command(recipe_path, backend, overrides, output, allow_pickle, gpu_memory),
         )
 
     # --- save
@@ -122,28 +142,45 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
     """Decide what happens to an existing run folder; return the checkpoint to resume from.
 
     Never writes into a folder holding an earlier run unless told to (`resume`/`overwrite`).
+    This only decides and changes nothing: with `overwrite`, `clear_run_dir` deletes the old
+    run later, once the new run's recipe and data are known to be good.
     """
     if resume and overwrite:
         raise FastftError("--resume and --overwrite contradict each other: choose one.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FastftError(f"{run_dir} is a file, not a run folder. Choose another --output (or train.output_dir).")
     # A run that failed before saving anything leaves only its recipe and empty folders: not worth keeping.
+    # Hidden entries are leftovers of interrupted atomic saves.
     occupied = run_dir.exists() and (
-        any(p.name not in ("recipe.toml", "checkpoints", "logs") for p in run_dir.iterdir())
+        any(p.name not in ("recipe.toml", "checkpoints", "logs") and not p.name.startswith(".")
+            for p in run_dir.iterdir())
         or any((run_dir / "checkpoints").glob("checkpoint-*"))
     )
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
-            raise FastftError(f"{run_dir}: no complete checkpoint to resume from. Run without --resume to start "
-                              "(add --overwrite to replace what is there).")
+            finished = " The run there finished (it has fastft.json); its adapter is in adapter/." \
+                if (run_dir / "fastft.json").exists() else ""
+            raise FastftError(f"{run_dir}: no complete checkpoint to resume from.{finished} Run without --resume to "
+                              "start (add --overwrite to replace what is there, or --output DIR to write elsewhere).")
         return checkpoint
     if occupied and not overwrite:
         raise FastftError(
             f"{run_dir} already holds an earlier run. Add --resume to continue it from its last checkpoint, "
             "--overwrite to replace it, or --output DIR to write elsewhere."
         )
-    if run_dir.exists() and overwrite and is_main_process():
-        shutil.rmtree(run_dir)
+    run_files = ("recipe.toml", "fastft.json", "adapter", "checkpoints")
+    if occupied and not any((run_dir / name).exists() for name in run_files):
+        # --overwrite deletes the folder: refuse when it does not look like a run folder (e.g. --output ~).
+        raise FastftError(f"{run_dir} holds files that are not a fastft run, so --overwrite will not delete it. "
+                          "Choose another --output (or train.output_dir).")
     return None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete an earlier run (after `claim_run_dir` allowed it with `overwrite`)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -151,8 +188,104 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARK).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    done = [p for p in _checkpoints(folder) if (p / COMPLETE_MARK).exists()]
+    return max(done, key=_step, default=None)
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def drop_incomplete_checkpoints(run_dir: Path, echo=print) -> None:
+    """Delete checkpoints without the completion mark, so a resumed run cannot mix in their files."""
+    for p in _checkpoints(run_dir / "checkpoints"):
+        if not (p / COMPLETE_MARK).exists():
+            echo(f"removing {p}: it was never completely written")
+            shutil.rmtree(p)
+
+
+# Files that `torch.save` writes into every Trainer checkpoint (optimizer, scheduler, RNG, scaler,
+# arguments). They are pickle, but the Trainer loads them with `torch.load(weights_only=True)`,
+# whose unpickler accepts only tensors and plain containers, never code.
+TRAINER_STATE_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth",
+                         "training_args.bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickle_weights(folder: Path, what: str, allow_pickle: bool, checkpoint: bool = False) -> None:
+    """Raise `FastftError` if `folder` would have model weights loaded from pickle and `allow_pickle` is off.
+
+    fastft writes weights as safetensors only, so pickle weights come from elsewhere; loading
+    them can run code hidden in the file. A model folder that also has safetensors is fine
+    (transformers loads those); in a checkpoint the Trainer would load any pickle weights.
+    """
+    if not checkpoint and any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(
+        p.name for p in folder.iterdir()
+        if p.suffix in PICKLE_SUFFIXES and not any(p.match(pattern) for pattern in TRAINER_STATE_PICKLES)
+    )
+    if pickles and not allow_pickle:
+        raise FastftError(
+            f"{what} {folder} holds model weights as pickle ({', '.join(pickles)}), which fastft never writes "
+            "and which can run code when loaded. Convert them to safetensors, or add --allow-pickle if you trust where they "
+            "came from."
+        )
+
+
+def check_resumable(run_dir: Path, checkpoint: Path, recipe: Recipe, allow_pickle: bool) -> None:
+    """Raise `FastftError` unless `checkpoint` can continue this recipe's run exactly.
+
+    The checkpoint must hold safetensors weights (see `refuse_pickle_weights`), and the
+    recipe must match the one the run started with, except for keys that do not change
+    the training (logging, saving, reporting).
+    """
+    refuse_pickle_weights(checkpoint, "Checkpoint", allow_pickle, checkpoint=True)
+    if not any((checkpoint / name).exists() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FastftError(f"Checkpoint {checkpoint} holds no adapter weights, so it cannot be resumed. "
+                          "Delete it to resume from an earlier one, or start again with --overwrite.")
+    stored = run_dir / "recipe.toml"
+    if not stored.exists():
+        return
+    from fastft.recipe import tomllib
+
+    before, now = tomllib.loads(stored.read_text(encoding="utf-8")), recipe.to_dict()
+    changed = [
+        f"`{section}.{key}` (was {json.dumps(value)}, now {json.dumps(now[section][key])})"
+        for section, values in before.items() if section in now
+        for key, value in values.items()
+        if key in now[section] and now[section][key] != value and f"{section}.{key}" not in RESUME_MAY_CHANGE
+    ]
+    if changed:
+        raise FastftError(
+            f"{recipe.source} differs from the recipe the run in {run_dir} started with: {', '.join(changed)}. "
+            "A resumed run must train the same way. Undo the change, or start again with --overwrite "
+            "(or --output DIR)."
+        )
+
+
+# Recipe keys that may change between an interrupted run and its resumption: they change what is
+# logged, saved or shown, or how memory is traded for compute, not the numbers trained.
+RESUME_MAY_CHANGE = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                     "train.eval_steps", "train.report_to", "train.sample_prompt", "train.gradient_checkpointing",
+                     "model.attention"}
+
+
+def check_same_data(checkpoint: Path, fingerprint: str) -> None:
+    """Raise `FastftError` if the data changed since `checkpoint` was written (its mark records the fingerprint)."""
+    try:
+        saved = json.loads((checkpoint / COMPLETE_MARK).read_text()).get("dataset_fingerprint")
+    except (ValueError, AttributeError):
+        return  # a mark without a fingerprint: nothing to compare
+    if saved and saved != fingerprint:
+        raise FastftError(
+            f"The training data changed since {checkpoint} was written (fingerprint {saved}, now {fingerprint}), "
+            "so resuming would not continue the same run. Restore the data, or start again with --overwrite."
+        )
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -167,8 +300,9 @@ def atomic_dir(final: Path):
 
     class _Swap:
         def __init__(self):
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir(parents=True)
 
         def commit(self):
@@ -236,22 +370,33 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
     )
 
 
-class MarkComplete:
-    """Trainer callback: mark a checkpoint complete once the Trainer has finished writing it."""
+class _Callback:
+    """A Trainer callback without importing transformers here: the Trainer calls every on_* event."""
 
-    def __getattr__(self, name):  # the Trainer calls every on_* event; only on_save matters here
+    def __getattr__(self, name):
         if name.startswith("on_"):
             return lambda *a, **k: None
         raise AttributeError(name)
+
+
+class MarkComplete(_Callback):
+    """Trainer callback: mark a checkpoint complete once the Trainer has finished writing it.
+
+    The mark records the dataset fingerprint, so a resume can tell that the data changed.
+    """
+
+    def __init__(self, fingerprint: str = ""):
+        self.fingerprint = fingerprint
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                (path / COMPLETE_MARK).write_text(str(state.global_step))
+                mark = {"step": state.global_step, "dataset_fingerprint": self.fingerprint}
+                (path / COMPLETE_MARK).write_text(json.dumps(mark))
 
 
-class StopOnSignal(MarkComplete):
+class StopOnSignal(_Callback):
     """Ctrl-C/SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
 
     def __init__(self):
@@ -259,18 +404,19 @@ class StopOnSignal(MarkComplete):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.stopped:
-            control.should_save = True
+            control.should_save = True  # whatever train.save_steps says
             control.should_training_stop = True
         return control
 
     def installed(self):
+        """A context manager that handles SIGINT/SIGTERM while it is open, then restores the old handlers."""
         import contextlib
 
         @contextlib.contextmanager
         def handlers():
             def handle(signum, frame):
                 if self.stopped:
-                    raise KeyboardInterrupt
+                    raise KeyboardInterrupt  # the second signal: the user wants out now
                 self.stopped = True
                 print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort now)", file=sys.stderr)
 
@@ -282,6 +428,43 @@ class StopOnSignal(MarkComplete):
                     signal.signal(s, h)
 
         return handlers()
+
+
+def explain_out_of_memory(recipe: Recipe, data, run_dir: Path):
+    """A context manager that turns running out of memory into a `FastftError` naming the recipe keys to change."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def explained():
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            import torch
+
+            t, where = recipe.train, "GPU memory" if torch.cuda.is_available() else "memory"
+            last = latest_checkpoint(run_dir)
+            raise FastftError(
+                f"Out of {where} ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Ask for less in "
+                f"{recipe.source}: lower `train.batch_size` = {t.batch_size} (raise `train.grad_accum` = "
+                f"{t.grad_accum} to keep the batch per step), lower `data.max_length` = {recipe.data.max_length} (the longest "
+                f"example has {data.stats['length_max']} tokens), set `train.gradient_checkpointing` = true "
+                f"(now {json.dumps(t.gradient_checkpointing)}), or `model.quantization` = \"4bit\" (now "
+                f"\"{recipe.model.quantization}\"). Then rerun with --overwrite"
+                + (f", or with --resume to continue from {last} if you changed only gradient checkpointing."
+                   if last else ".")
+            ) from None
+
+    return explained()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for torch's out-of-memory error and the RuntimeErrors that mean the same (accelerate's list)."""
+    import torch
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -313,7 +496,7 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
     """Answer one prompt with the trained adapter, formatted exactly as in training."""
     import torch
 
-    from fastft.data import read_records, render, render_prompt
+    from fastft.data import render_prompt
 
     prompt = recipe.train.sample_prompt
     if not prompt:
@@ -331,12 +514,21 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
     return prompt or text, tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def resume_command(recipe_path, backend, overrides, output) -> str:
+def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool = False,
+                   gpu_memory: float | None = None) -> str:
+    """The shell command that resumes this run (quoted for a POSIX shell, run from the same folder)."""
+    import shlex
+
     parts = ["fastft", "run", str(recipe_path), "--backend", backend]
-    parts += [f"--set {o}" for o in overrides]
+    for o in overrides:
+        parts += ["--set", o]
     if output:
         parts += ["--output", str(output)]
-    return " ".join(parts + ["--resume"])
+    if gpu_memory:
+        parts += ["--gpu-memory", f"{gpu_memory:g}"]
+    if allow_pickle:
+        parts.append("--allow-pickle")
+    return shlex.join(parts + ["--resume"])
 
 
 def library_versions() -> dict:
