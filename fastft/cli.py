@@ -7,6 +7,7 @@ Bad input raises `FastftError`, printed here as one paragraph with exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 
@@ -38,14 +39,25 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.
 @click.option("--allow-pickle", is_flag=True,
               help="Load model or checkpoint weights stored as pickle (.bin/.pt), which can run code; "
                    "for trusted files only.")
-def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory, allow_pickle):
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine, one per GPU: N > 1 runs this command under "
+                   "`torchrun --standalone --nproc-per-node N`. Several machines: use torchrun itself.")
+def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory, allow_pickle, nproc):
     """Fine-tune as the RECIPE says and save the LoRA adapter.
 
     \b
     Example (CPU, offline, about a minute):
         fastft run recipes/quickstart.toml
         fastft run recipes/fusion_fr.toml --backend unsloth --set train.max_steps=60
+        fastft run recipes/fusion_fr.toml --nproc 4          # 4 GPUs, data parallel
     """
+    from fastft.distributed import under_launcher
+
+    if nproc > 1 and not under_launcher():
+        from fastft.train import launch
+
+        launch(nproc, recipe, backend=backend, overrides=overrides, output=output, resume=resume,
+               overwrite=overwrite)  # becomes torchrun; does not return
     from fastft.train import run as run_recipe
 
     run_recipe(recipe, backend=backend, overrides=overrides, output=output, resume=resume, overwrite=overwrite,
@@ -108,7 +120,8 @@ def main():
     except FastftError as e:
         message = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
         label = "error: " if e.exit_code == 2 else "stopped: "
-        click.echo(click.style(label, fg="red", bold=True) + message, err=True)
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        click.echo(rank + click.style(label, fg="red", bold=True) + message, err=True)
         if getattr(e, "command", ""):  # a command to copy, unwrapped on its own line
             click.echo("    " + e.command, err=True)
         sys.exit(e.exit_code)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from fastft.errors import FastftError
@@ -120,14 +121,18 @@ def _build(arch: str, folder: Path) -> None:
     torch.manual_seed(0)  # the same weights on every machine that builds on the same kind of device
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tmp = folder.with_name(folder.name + ".tmp")
+    # One temporary folder per process: machines sharing a cache may build the same model at once.
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # the run that asked for the model loads it next
-    tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another process finished first: its copy is identical
+        shutil.rmtree(tmp)
 
 
 def load_tokenizer(model_cfg):

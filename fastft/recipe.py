@@ -165,6 +165,11 @@ class TrainConfig:
         True, "Recompute activations in the backward pass to save memory: true, false, `offload` or `auto` "
         "(chosen by the memory planner)."
     )
+    fsdp: bool = doc(
+        False,
+        "With several GPUs (`--nproc N`): shard the frozen base (4-bit or 16-bit), LoRA weights, gradients and "
+        "optimizer state across them with PyTorch FSDP, one unit per decoder layer, instead of a full copy per GPU.",
+    )
     logging_steps: int = doc(10, "Log the loss every N optimizer steps.", min=1)
     save_steps: int = doc(0, "Save a checkpoint every N steps; 0 saves only at the end.", min=0)
     save_total_limit: int = doc(2, "Checkpoints kept on disk (the oldest are deleted).", min=1)

@@ -12,6 +12,9 @@ The run folder:
       adapter/         PEFT adapter (safetensors) and tokenizer, loadable with stock PEFT
       checkpoints/     resumable checkpoints, each marked complete only once fully written
       logs/            TensorBoard events
+
+Under torchrun/`accelerate launch` (or `fastft run --nproc N`) every process runs this same
+flow on its own GPU; only rank 0 writes the run folder (see `fastft/distributed.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastft.distributed import (any_process, check_processes, is_main_process, local_main_first, torchrun_command,
+                                wait_for_everyone, world_size)
 from fastft.errors import FastftError
 from fastft.recipe import Recipe, load_recipe, to_toml
 
@@ -53,11 +58,14 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     started = time.time()
     # --- setup: everything that can be wrong is found before the model loads
     recipe = load_recipe(recipe_path, overrides)
+    check_processes(recipe, backend, world_size())
+    if not is_main_process():
+        echo = _quiet  # one log per run, from rank 0
+    run_dir = run_folder(recipe, output)
+    checkpoint = claim_run_dir(run_dir, resume, overwrite)  # every rank checks; only rank 0 deletes
     from fastft.backends import get_backend
 
     engine = get_backend(backend, **(backend_options or {}))  # Unsloth, if chosen, is imported here, first
-    run_dir = Path(output or recipe.train.output_dir or Path("outputs") / recipe.name)
-    checkpoint = claim_run_dir(run_dir, resume, overwrite)
     if checkpoint:
         check_resumable(run_dir, checkpoint, recipe, allow_pickle)
     if Path(recipe.model.name).is_dir():
@@ -66,7 +74,8 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     from fastft.data import prepare
     from fastft.models import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(recipe.model)
+    with local_main_first():  # one process per machine builds a built-in model into the cache
+        tokenizer = load_tokenizer(recipe.model)
     data = prepare(recipe, tokenizer, echo=echo)
     # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
     # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
@@ -83,6 +92,7 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
             drop_incomplete_checkpoints(run_dir, echo)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.toml", to_toml(recipe))
+    wait_for_everyone()  # rank 0 has cleared and created the folder before anyone writes into it
 
     # --- train (again with the next setup down if an automatic plan runs out of GPU memory early)
     stopper = StopOnSignal()
@@ -114,36 +124,76 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     # --- save
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    runtime = result.metrics.get("train_runtime", 0.0)
+    # Non-padding tokens trained on in this session, summed over all processes by the Trainer
+    # (a resumed run starts from the checkpoint's count; the Trainer keeps it for its own tokens/s).
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     summary = {
         "recipe": str(Path(recipe_path).resolve()), "model": recipe.model.name, "backend": engine.name,
         "seed": recipe.train.seed, "dataset_fingerprint": data.fingerprint, "data": data.stats,
         "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "train_runtime_s": round(runtime, 2), "processes": world_size(),
+        # Throughput of the whole run, all processes counted: non-padding tokens (prompt included).
+        "train_tokens": tokens, "train_tokens_per_second": round(tokens / runtime, 1) if runtime else None,
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "wall_time_s": round(time.time() - started, 2), "versions": library_versions(), "resumed_from": str(checkpoint or ""),
         "plan": plan.summary() if plan else None,
     }
+    # Under FSDP each process holds a shard of every weight: gathering them is a collective.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if is_main_process():
-        save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter")
+        save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
         atomic_write(run_dir / "fastft.json", json.dumps(summary, indent=2))
         echo(f"loss: first {summary['first_loss']}, last {summary['final_loss']}"
              + (f", eval {summary['final_eval_loss']:.4f}" if evals else ""))
+        echo(f"throughput: {summary['train_tokens_per_second']} tokens/s over {world_size()} process(es), "
+             f"{tokens:,} tokens in {runtime:.1f} s")
         echo(f"adapter saved in {run_dir / 'adapter'} ({summary['wall_time_s']:.0f} s)")
-        sample = sample_answer(trainer.model, tokenizer, recipe, data)
+        # A sharded model can only generate with every process taking part; skip the sample there.
+        sample = None if trainer.is_fsdp_enabled else sample_answer(trainer.model, tokenizer, recipe, data)
         if sample:
             echo(f"sample: {sample[0]!r}\n  -> {sample[1]!r}")
     return run_dir
 
 
+def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
+           resume: bool = False, overwrite: bool = False) -> None:
+    """`fastft run --nproc N`: check once here, then replace this process with torchrun running N copies.
+
+    Bad recipes, refused settings and run-folder conflicts are reported once, with exit code 2,
+    instead of by every process. Raises `FastftError`; does not return otherwise.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    check_processes(recipe, backend, nproc)
+    claim_run_dir(run_folder(recipe, output), resume, overwrite, processes=nproc)
+    import torch
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise FastftError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) are visible here. "
+                          "Use one process per GPU (check CUDA_VISIBLE_DEVICES).")
+    args = ["run", str(recipe_path), "--backend", backend, *(f"--set={o}" for o in overrides)]
+    args += ["--output", str(output)] if output else []
+    args += ["--resume"] if resume else []  # --overwrite has been done above: the ranks find no folder
+    sys.stdout.flush()
+    os.execv(sys.executable, torchrun_command(nproc, args))
+
+
 # --------------------------------------------------------------------------- run folder
 
 
-def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+def run_folder(recipe: Recipe, output: str | None) -> Path:
+    return Path(output or recipe.train.output_dir or Path("outputs") / recipe.name)
+
+
+def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, processes: int | None = None) -> Path | None:
     """Decide what happens to an existing run folder; return the checkpoint to resume from.
 
     Never writes into a folder holding an earlier run unless told to (`resume`/`overwrite`).
     This only decides and changes nothing: with `overwrite`, `clear_run_dir` deletes the old
-    run later, once the new run's recipe and data are known to be good.
+    run later, once the new run's recipe and data are known to be good. Every process may call
+    it and all reach the same decision. A checkpoint resumes only with the number of processes
+    that wrote it (`processes`, default this run's).
     """
     if resume and overwrite:
         raise FastftError("--resume and --overwrite contradict each other: choose one.")
@@ -163,6 +213,14 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
                 if (run_dir / "fastft.json").exists() else ""
             raise FastftError(f"{run_dir}: no complete checkpoint to resume from.{finished} Run without --resume to "
                               "start (add --overwrite to replace what is there, or --output DIR to write elsewhere).")
+        written_by, processes = checkpoint_processes(checkpoint), processes or world_size()
+        if written_by is not None and written_by != processes:
+            # The data order, the global batch and the saved random states all depend on the process count.
+            raise FastftError(
+                f"{checkpoint} was written by {written_by} process(es) and this run has {processes}. Resume with "
+                f"the same count: `--nproc {written_by}` (or `torchrun --nproc-per-node ...` totalling {written_by}), "
+                "or start afresh with --overwrite."
+            )
         return checkpoint
     if occupied and not overwrite:
         raise FastftError(
@@ -288,6 +346,15 @@ def check_same_data(checkpoint: Path, fingerprint: str) -> None:
         )
 
 
+def checkpoint_processes(checkpoint: Path) -> int | None:
+    """How many processes wrote a complete checkpoint (None if its mark predates the record)."""
+    try:
+        mark = json.loads((checkpoint / COMPLETE_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark.get("processes") if isinstance(mark, dict) else None
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -318,15 +385,18 @@ def atomic_dir(final: Path):
     return _Swap()
 
 
-def save_adapter(model, tokenizer, recipe: Recipe, folder: Path) -> None:
-    """Save the PEFT adapter and tokenizer into `folder` atomically, pointing at the recipe's model id."""
+def save_adapter(model, tokenizer, recipe: Recipe, folder: Path, state_dict: dict | None = None) -> None:
+    """Save the PEFT adapter and tokenizer into `folder` atomically, pointing at the recipe's model id.
+
+    `state_dict`: the model's full state dict when the model itself holds only shards (FSDP).
+    """
     swap = atomic_dir(folder)
     try:
         # Name the recipe's model id, not a cache path, in adapter_config.json and PEFT's model card.
         for config in model.peft_config.values():
             config.base_model_name_or_path = recipe.model.name
         model.get_base_model().config._name_or_path = recipe.model.name
-        model.save_pretrained(swap.tmp, safe_serialization=True)
+        model.save_pretrained(swap.tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(swap.tmp)
         swap.commit()
     except BaseException:
@@ -364,10 +434,32 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         eval_strategy=("steps" if eval_every else "epoch") if eval_data else "no", eval_steps=eval_every,
         report_to=report, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         gradient_checkpointing=False,  # the backend has already set it up its own way
+        # LoRA uses every trainable weight in every step: DDP's search for unused ones only costs a graph
+        # walk per step, and it breaks reentrant checkpointing (the `hf-stock` path).
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",  # gathered over processes: the global throughput
         max_length=None,  # the shared pipeline has truncated
         dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **fsdp_arguments(recipe),
     )
+
+
+def fsdp_arguments(recipe: Recipe) -> dict:
+    """`train.fsdp`: shard the frozen base, LoRA weights, gradients and optimizer state over the processes.
+
+    FSDP2 through accelerate, one unit per decoder layer (the model's `_no_split_modules`), each
+    layer's weights gathered for its forward/backward and freed after (`reshard_after_forward`).
+    4-bit weights can be sharded because the backend stores them in the compute dtype
+    (`bnb_4bit_quant_storage`); accelerate keeps them as bitsandbytes parameters.
+    """
+    if not recipe.train.fsdp:
+        return {}
+    return dict(fsdp=True, fsdp_config={
+        "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",  # checkpoints hold the whole (small) adapter, gathered on rank 0
+        "cpu_ram_efficient_loading": False,  # each process loads the 4-bit model onto its GPU, then it is sharded
+    })
 
 
 class _Callback:
@@ -389,10 +481,12 @@ class MarkComplete(_Callback):
         self.fingerprint = fingerprint
 
     def on_save(self, args, state, control, **kwargs):
+        wait_for_everyone()  # every process has written its part (its random state) before the mark
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
-                mark = {"step": state.global_step, "dataset_fingerprint": self.fingerprint}
+                mark = {"step": state.global_step, "dataset_fingerprint": self.fingerprint,
+                        "processes": args.world_size}  # resume needs the same data and process count
                 (path / COMPLETE_MARK).write_text(json.dumps(mark))
 
 
@@ -403,7 +497,10 @@ class StopOnSignal(_Callback):
         self.stopped = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped:
+        # Processes get the signal at slightly different moments: they must stop at the same step,
+        # or those still training wait forever for the others' gradients.
+        if any_process(self.stopped):
+            self.stopped = True
             control.should_save = True  # whatever train.save_steps says
             control.should_training_stop = True
         return control
@@ -418,7 +515,9 @@ class StopOnSignal(_Callback):
                 if self.stopped:
                     raise KeyboardInterrupt  # the second signal: the user wants out now
                 self.stopped = True
-                print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort now)", file=sys.stderr)
+                if is_main_process():
+                    print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort now)",
+                          file=sys.stderr)
 
             previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -520,6 +619,8 @@ def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool =
     import shlex
 
     parts = ["fastft", "run", str(recipe_path), "--backend", backend]
+    if world_size() > 1:
+        parts += ["--nproc", str(world_size())]
     for o in overrides:
         parts += ["--set", o]
     if output:
@@ -544,12 +645,8 @@ def library_versions() -> dict:
     return out
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def _installed(name: str) -> bool:

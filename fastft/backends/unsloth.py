@@ -63,6 +63,7 @@ OPTIONS = {
     "train.seed": "get_peft_model(random_state=...) for the LoRA init, and the shared training arguments",
     "train.embedding_learning_rate": "the shared parameter groups (hf.trainer_class) on UnslothTrainer",
     "train.gradient_checkpointing": "get_peft_model(use_gradient_checkpointing=False or \"unsloth\")",
+    "train.fsdp": "refused: fastft runs Unsloth in one process (fastft.distributed.check_processes)",
 }
 
 
