@@ -57,7 +57,7 @@ def run(recipe, backend, overrides, output, resume, overwrite, gpu_memory, allow
         from fastft.train import launch
 
         launch(nproc, recipe, backend=backend, overrides=overrides, output=output, resume=resume,
-               overwrite=overwrite)  # becomes torchrun; does not return
+               overwrite=overwrite, gpu_memory=gpu_memory, allow_pickle=allow_pickle)  # becomes torchrun
     from fastft.train import run as run_recipe
 
     run_recipe(recipe, backend=backend, overrides=overrides, output=output, resume=resume, overwrite=overwrite,

@@ -158,7 +158,8 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
 
 
 def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
-           resume: bool = False, overwrite: bool = False) -> None:
+           resume: bool = False, overwrite: bool = False, gpu_memory: float | None = None,
+           allow_pickle: bool = False) -> None:
     """`fastft run --nproc N`: check once here, then replace this process with torchrun running N copies.
 
     Bad recipes, refused settings and run-folder conflicts are reported once, with exit code 2,
@@ -174,7 +175,10 @@ def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple =
                           "Use one process per GPU (check CUDA_VISIBLE_DEVICES).")
     args = ["run", str(recipe_path), "--backend", backend, *(f"--set={o}" for o in overrides)]
     args += ["--output", str(output)] if output else []
-    args += ["--resume"] if resume else []  # --overwrite has been done above: the ranks find no folder
+    args += ["--resume"] if resume else []
+    args += ["--overwrite"] if overwrite else []  # rank 0 clears the old run once the data checks out
+    args += ["--gpu-memory", f"{gpu_memory:g}"] if gpu_memory else []
+    args += ["--allow-pickle"] if allow_pickle else []
     sys.stdout.flush()
     os.execv(sys.executable, torchrun_command(nproc, args))
 
