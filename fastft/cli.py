@@ -113,6 +113,82 @@ def validate(recipe, overrides, examples):
     click.echo(f"recipe OK: {recipe}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist yet).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(run_dir, out, overwrite):
+    """Write a portable adapter folder from RUN_DIR: adapter, tokenizer, recipe, prompt template, manifest, card.
+
+    \b
+    Example (after `fastft run recipes/quickstart.toml`):
+        fastft export outputs/quickstart --out exports/quickstart
+    """
+    from fastft.export import export as export_run
+
+    export_run(run_dir, out, overwrite=overwrite, echo=click.echo)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (must not exist yet).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Precision of the merged weights; auto keeps the base checkpoint's own (never 4-bit).")
+@click.option("--base", metavar="PATH_OR_ID", help="Where the base weights come from (default: the adapter's base model id).")
+@click.option("--no-check", is_flag=True, help="Skip the fidelity check of the merged model against base+adapter.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--gguf", is_flag=True, help="Also write model.gguf with llama.cpp's converter ($LLAMA_CPP_DIR).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def merge(source, out, dtype, base, no_check, max_shard_size, gguf, overwrite):
+    """Merge the LoRA adapter in SOURCE (run, adapter or export folder) into its base model.
+
+    The base is loaded in 16-bit or fp32 on the CPU, never 4-bit. Afterwards the merged model
+    is reloaded and compared with base+adapter on a few prompts; above the dtype's tolerance
+    nothing is written and the exit code is 2.
+
+    \b
+    Example (after `fastft run recipes/quickstart.toml`):
+        fastft merge outputs/quickstart --out outputs/quickstart-merged
+        fastft merge outputs/fusion_fr --out merged/fusion_fr --dtype bf16 --base ~/models/Llama-3.2-1B-Instruct
+    """
+    from fastft.export import merge as merge_adapter
+
+    merge_adapter(source, out, dtype=dtype, base=base, check=not no_check, overwrite=overwrite,
+                  max_shard_size=max_shard_size, gguf=gguf, echo=click.echo)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="A prompt; repeatable.")
+@click.option("--file", "prompt_file", type=click.File("r", encoding="utf-8"),
+              help="A text file of prompts, one per line (blank lines skipped); - reads stdin.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Stop after this many tokens at most.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy (reproducible); above 0 samples.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold (with --temperature > 0).")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling.")
+@click.option("--base", metavar="PATH_OR_ID", help="Where the base weights come from, for an adapter.")
+def generate(source, prompts, prompt_file, max_new_tokens, temperature, top_p, seed, base):
+    """Answer prompts with the model in SOURCE (run, adapter, export or merged folder).
+
+    Each prompt is formatted with the recipe's template or chat template exactly as in
+    training, and generation stops at the trained stop token. Only the answers are printed
+    (one per prompt, in order), so the output can be piped.
+
+    \b
+    Example (after `fastft run recipes/quickstart.toml`):
+        fastft generate outputs/quickstart --prompt "Qu'est-ce qu'un tokamak ?"
+        fastft generate outputs/quickstart-merged --file questions.txt --temperature 0.7 --top-p 0.9
+    """
+    from fastft.export import generate as answer
+
+    texts = list(prompts) + ([line.rstrip("\r\n") for line in prompt_file if line.strip()] if prompt_file else [])
+    if not texts:
+        raise FastftError("Nothing to answer: give --prompt TEXT (repeatable) or --file FILE with one prompt per line.")
+    for a in answer(source, texts, base=base, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    seed=seed):
+        click.echo(a.answer)
+
+
 def main():
     """Console entry point: user errors become one paragraph and their exit code, without a traceback."""
     try:
