@@ -452,13 +452,13 @@ def _compute_dtype(recipe):
 
 def _load_model(path, name: str, revision, dtype, four_bit: bool = False, trust: bool = False, device: str = "cpu"):
     """A causal LM from `path` in `dtype` (or 4-bit NF4 as the hf backend trains), in eval mode."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from fastft.backends.hf import nf4_config
 
     kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust, device_map={"": device})
     if four_bit:  # the hf backend's QLoRA storage, so this is the model that was trained
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        kwargs["quantization_config"] = nf4_config(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

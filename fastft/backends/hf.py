@@ -32,6 +32,17 @@ def compute_dtype(recipe) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def nf4_config(dtype: torch.dtype):
+    """QLoRA's 4-bit storage: NF4 with double quantisation, computing in `dtype`.
+
+    Stored in `dtype` too, so FSDP can shard the packed weights like any other tensor.
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
 def lora_config(recipe):
     """PEFT's LoraConfig for the recipe (shared with the merge/export code)."""
     from peft import LoraConfig
@@ -59,16 +70,13 @@ class HFBackend:
 
     def load_model(self, recipe, model_path: str):
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
         dtype = compute_dtype(recipe)
         kwargs = dict(dtype=dtype, attn_implementation=_attention(recipe), revision=recipe.model.revision or None,
                       trust_remote_code=recipe.model.trust_remote_code)
         if recipe.model.quantization != "16bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,  # storage dtype lets FSDP shard it
-            )
+            kwargs["quantization_config"] = nf4_config(dtype)
         if torch.cuda.is_available():
             from accelerate import PartialState
 
