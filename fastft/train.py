@@ -400,7 +400,9 @@ def save_adapter(model, tokenizer, recipe: Recipe, folder: Path, state_dict: dic
         for config in model.peft_config.values():
             config.base_model_name_or_path = recipe.model.name
         model.get_base_model().config._name_or_path = recipe.model.name
-        model.save_pretrained(swap.tmp, safe_serialization=True, state_dict=state_dict)
+        # fastft never resizes the vocabulary, so the base embeddings need not be saved, and PEFT need not
+        # look the base model up (on the Hub, for an id) to find out.
+        model.save_pretrained(swap.tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
         tokenizer.save_pretrained(swap.tmp)
         swap.commit()
     except BaseException:
