@@ -64,7 +64,8 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
     rows = [b.strip() for b in backends.split(",") if b.strip()]
     for row in rows:
         if row not in ROWS:
-            raise FastftError(f"--backends {backends}: unknown row `{row}`. Choose from {', '.join(ROWS)} (comma-separated).")
+            raise FastftError(f"--backends {backends}: unknown row `{row}`. "
+                              f"Choose from {', '.join(ROWS)} (comma-separated).")
     if workload not in WORKLOADS:
         raise FastftError(f"--workload {workload}: choose `synthetic` or `dataset`.")
     path = Path(recipe_path) if recipe_path else DEFAULT_RECIPE
@@ -83,16 +84,21 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
 
     cuda = torch.cuda.is_available()
     notes = []
+    defaults = dict(steps=20, warmup=10)
     if not cuda and model is None:
         # CI and laptops: prove the harness works; the figures mean nothing about GPUs.
+        defaults = CPU_FALLBACK
         model = CPU_FALLBACK["model"]
         batch_size, seq_len = batch_size or CPU_FALLBACK["batch_size"], seq_len or CPU_FALLBACK["seq_len"]
-        steps, warmup = steps or CPU_FALLBACK["steps"], warmup or CPU_FALLBACK["warmup"]
         notes.append(f"no GPU here: running on {model} with batch {batch_size} x {seq_len} on the CPU to test the "
                      "harness; these figures are not performance claims (pass --model to override)")
     elif not cuda:
         notes.append("no GPU here: running on the CPU")
-    steps, warmup = steps or 20, warmup or 10
+    steps = defaults["steps"] if steps is None else steps
+    warmup = defaults["warmup"] if warmup is None else warmup
+    if steps < 1 or warmup < 1:
+        raise FastftError(f"--steps {steps} --warmup {warmup}: both must be at least 1 (BENCHMARKING.md asks for "
+                          "20 timed steps after 10 warm-up steps).")
     if cuda and (steps < 20 or warmup < 10):
         notes.append("fewer than the 10 warm-up and 20 timed steps BENCHMARKING.md asks for: figures are indicative")
     if model:
@@ -122,6 +128,8 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
             result = run_row(row, spec, Path(tmp), echo)
             results.append(result)
             echo(f"    {summary_line(result)}")
+            if result["status"] == "error" and result["output_tail"].strip():  # how it ended; all of it in the JSON
+                echo("\n".join("    | " + line for line in result["output_tail"].splitlines()[-15:]))
 
     stock = next((r for r in results if r["backend"] == "hf-stock" and r["status"] == "ok"), None)
     for r in results:
@@ -177,7 +185,7 @@ def run_row(row: str, spec: dict, tmp: Path, echo) -> dict:
         result = json.loads(result_file.read_text())
     else:
         result = {"backend": row, "status": "error", "pid": proc.pid,
-                  "reason": f"the worker exited with code {code} without a result; its last output:\n" + "\n".join(tail)}
+                  "reason": f"the worker exited with code {code} without writing a result"}
     if result["status"] == "error" and "output_tail" not in result:
         result["output_tail"] = "\n".join(tail)
     result["wall_time_s"] = round(time.perf_counter() - started, 2)
@@ -335,7 +343,8 @@ class StepClock:
             if state.global_step == self.warmup:
                 torch.cuda.reset_peak_memory_stats()
             elif state.global_step == self.total:
-                self.peak = {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+                self.peak = {"allocated": torch.cuda.max_memory_allocated(),
+                             "reserved": torch.cuda.max_memory_reserved()}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and self.ends:
@@ -406,7 +415,8 @@ def measure(engine, row: str, spec: dict) -> dict:
     if len(times) < steps:
         raise FastftError(f"only {len(times)} of {steps} timed steps ran (the trainer stopped early).")
     total_s = sum(times)
-    total = {k: sum(c[k] for c in counts) for k in ("sequences", "tokens", "loss_tokens", "positions", "sum_sq_lengths")}
+    keys = ("sequences", "tokens", "loss_tokens", "positions", "sum_sq_lengths")
+    total = {k: sum(c[k] for c in counts) for k in keys}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     device = device_info()
     peak = peak_tflops(device["name"]) if cuda else None
@@ -471,6 +481,8 @@ def worker(spec_file: str, result_file: str) -> None:
     else:
         try:
             result.update(measure(engine, row, spec))
+        except FastftError as e:  # e.g. a recipe setting this backend cannot honour
+            result.update(status="error", reason=str(e))
         except Exception as e:  # the row failed; the others still run
             import traceback
 

@@ -82,8 +82,10 @@ def validate(recipe, overrides, examples):
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch (default: the recipe's).")
 @click.option("--seq-len", type=click.IntRange(min=8),
               help="Synthetic row length, and data.max_length for the dataset workload (default: data.max_length).")
-@click.option("--steps", type=click.IntRange(min=1), help="Timed steps per row  [default: 20]")
-@click.option("--warmup", type=click.IntRange(min=1), help="Warm-up steps per row, not timed  [default: 10]")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Timed steps per row  [default: 20; 5 on the CPU fallback]")
+@click.option("--warmup", type=click.IntRange(min=1),
+              help="Untimed warm-up steps per row  [default: 10; 2 on the CPU fallback]")
 @click.option("--workload", type=click.Choice(["synthetic", "dataset"]), default="synthetic", show_default=True,
               help="synthetic: full rows of random tokens (kernel throughput); dataset: the recipe's data.")
 @set_option
