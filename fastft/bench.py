@@ -94,6 +94,9 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
                      "harness; these figures are not performance claims (pass --model to override)")
     elif not cuda:
         notes.append("no GPU here: running on the CPU")
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # Multi-threaded torch on a CPU shared with other jobs stalls for seconds a step: one thread keeps it honest.
+        notes.append("one CPU thread per row (set OMP_NUM_THREADS to change it)")
     steps = defaults["steps"] if steps is None else steps
     warmup = defaults["warmup"] if warmup is None else warmup
     if steps < 1 or warmup < 1:
@@ -119,7 +122,8 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
     model_path = resolve_model(recipe.model.name)  # built once here, not raced by the rows
     shape = model_shape(AutoConfig.from_pretrained(model_path))
     spec = {"recipe": recipe.to_dict(), "recipe_source": str(path), "model_path": model_path, "workload": workload,
-            "seq_len": seq_len, "steps": steps, "warmup": warmup, "shape": shape}
+            "seq_len": seq_len, "steps": steps, "warmup": warmup, "shape": shape,
+            "cpu_threads": None if cuda else os.environ.get("OMP_NUM_THREADS", "1")}
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as tmp:
@@ -167,6 +171,8 @@ def run_row(row: str, spec: dict, tmp: Path, echo) -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                PYTHONUNBUFFERED="1")
+    if spec["cpu_threads"]:
+        env["OMP_NUM_THREADS"] = spec["cpu_threads"]
     workdir = tmp / row  # Unsloth writes its compiled cache into the working directory
     workdir.mkdir(exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
@@ -558,7 +564,8 @@ def markdown(report: dict) -> str:
                                                          if device.get("driver") else ""),
         f"- model: {s['model']} ({s['quantization']}), LoRA r={s['lora_r']} on {', '.join(s['lora_target_modules'])}, "
         f"gradient checkpointing {str(s['gradient_checkpointing']).lower()}",
-        f"- batch {s['batch_size']} x {s['seq_len']} tokens, grad_accum {s['grad_accum']}, "
+        f"- batch {s['batch_size']} x {'' if report['workload'] == 'synthetic' else 'up to '}{s['seq_len']} tokens, "
+        f"grad_accum {s['grad_accum']}, "
         f"{s['warmup_steps']} warm-up + {s['timed_steps']} timed steps",
         f"- versions: {versions}",
         f"- date: {report['created']}",
@@ -601,8 +608,12 @@ def chart(report: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.margins(x=0.25)
     s = report["settings"]
-    fig.suptitle(f"fastft bench, {report['workload']}: {s['model']} {s['quantization']}, batch {s['batch_size']} x "
-                 f"{s['seq_len']} on {(report['device'] or {}).get('name', 'unknown')}", fontsize=10)
+    device = (report["device"] or {}).get("name", "unknown")
+    title = (f"fastft bench, {report['workload']}: {s['model']} {s['quantization']}, batch {s['batch_size']} x "
+             f"{s['seq_len']} on {device}")
+    if device.startswith("CPU"):
+        title += "\nCPU harness run: not a performance claim"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
