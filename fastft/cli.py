@@ -189,6 +189,44 @@ def generate(source, prompts, prompt_file, max_new_tokens, temperature, top_p, s
         click.echo(a.answer)
 
 
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--backends", default="unsloth,hf,hf-stock", show_default=True,
+              help="Rows to run, comma-separated: unsloth, hf (fastft's fast path), hf-stock (the seed scripts' path).")
+@click.option("--model", help="Base model instead of the recipe's, e.g. random:llama-3.1-8b.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch (default: the recipe's).")
+@click.option("--seq-len", type=click.IntRange(min=8),
+              help="Synthetic row length, and data.max_length for the dataset workload (default: data.max_length).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Timed steps per row  [default: 20; 5 on the CPU fallback]")
+@click.option("--warmup", type=click.IntRange(min=1),
+              help="Untimed warm-up steps per row  [default: 10; 2 on the CPU fallback]")
+@click.option("--workload", type=click.Choice(["synthetic", "dataset"]), default="synthetic", show_default=True,
+              help="synthetic: full rows of random tokens (kernel throughput); dataset: the recipe's data.")
+@set_option
+@click.option("--out", type=click.Path(dir_okay=False), help="Write FILE.json and, beside it, FILE.md and FILE.png.")
+def bench(recipe, backends, model, batch_size, seq_len, steps, warmup, workload, overrides, out):
+    """Measure each backend on the same RECIPE: tokens/s, step time, peak memory, MFU.
+
+    Each backend row trains in its own fresh process; one that cannot run here is reported
+    as unavailable. Without RECIPE, benchmarks/bench.toml (Llama-3.2-1B shape, 4-bit, LoRA
+    r=16, batch 4 x 2048). With no GPU and no --model, it runs the tiny model on the CPU to
+    test the harness.
+
+    \b
+    Example (CPU: about a minute; GPU: a few minutes):
+        fastft bench --backends hf,hf-stock --out bench.json
+        fastft bench --workload dataset --model random:llama-3.1-8b --batch-size 2
+    """
+    from fastft.bench import run_bench
+
+    report = run_bench(recipe, backends=backends, model=model, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                       warmup=warmup, workload=workload, overrides=overrides, out=out, echo=click.echo)
+    failed = [r["backend"] for r in report["rows"] if r["status"] == "error"]
+    if failed:
+        click.echo(f"error: {', '.join(failed)} failed (see above)", err=True)
+        raise SystemExit(1)
+
+
 def main():
     """Console entry point: user errors become one paragraph and their exit code, without a traceback."""
     try:
