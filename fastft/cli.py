@@ -189,6 +189,7 @@ def generate(source, prompts, prompt_file, max_new_tokens, temperature, top_p, s
         click.echo(a.answer)
 
 
+@cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--backends", default="unsloth,hf,hf-stock", show_default=True,
               help="Rows to run, comma-separated: unsloth, hf (fastft's fast path), hf-stock (the seed scripts' path).")
