@@ -197,3 +197,63 @@ def test_validate_reports_padding(tmp_path):
     assert "grouped by length (this recipe), 0.0% packed" in line
     random_share = float(line.split(": ")[1].split("%")[0])
     assert random_share > 30
+
+
+# --------------------------------------------------------------------------- GPU
+
+# Liger patches transformers for the whole process, so each setting loads in a fresh one.
+GPU_LOSSES = r"""
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from fastft.backends.hf import HFBackend, _has_liger_modules, fast_path
+from fastft.data import make_collator, prepare
+from fastft.models import load_tokenizer, resolve_model
+from fastft.recipe import load_recipe
+from fastft.train import training_arguments
+
+recipe = load_recipe(sys.argv[1], sys.argv[2:])
+tokenizer = load_tokenizer(recipe.model)
+data = prepare(recipe, tokenizer, echo=lambda *a: None)
+backend = HFBackend()
+model = backend.load_model(recipe, resolve_model(recipe.model.name))
+args = training_arguments(recipe, Path(tempfile.mkdtemp()), eval_data=False)
+trainer = backend.make_trainer(recipe, model, tokenizer, data.train.to_dataset(), None, args, callbacks=[])
+examples = [{"input_ids": i, "labels": l} for i, l in zip(data.train.input_ids[:6], data.train.labels[:6])]
+model.train()
+losses = {}
+with torch.no_grad():
+    for packing in (False, True):
+        batch = {k: v.to(model.device) for k, v in make_collator(tokenizer, packing)(examples).items()}
+        losses["packed" if packing else "padded"] = trainer.compute_loss(model, batch).item()
+print(json.dumps(dict(losses, fast=fast_path(recipe), liger_modules=_has_liger_modules(model))))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_fast_path_gives_the_losses_of_the_pytorch_code(tmp_path):
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    make_recipe(tmp_path, mixed_rows(12), model={"dtype": "fp32"})
+
+    def losses(*overrides):
+        out = subprocess.run([sys.executable, "-c", GPU_LOSSES, str(tmp_path / "r.toml"), *overrides],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    fast = losses()
+    plain = losses("model.liger_kernels=false", "train.fused_loss=false", "model.attention=\"sdpa\"")
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    assert fast["fast"]["liger_kernels"] == fast["liger_modules"] == liger
+    assert fast["fast"]["fused_loss"] and not plain["fast"]["fused_loss"] and not plain["liger_modules"]
+    for run in (fast, plain):
+        assert abs(run["packed"] - run["padded"]) <= 1e-3 * run["padded"]  # packing exact on this attention too
+    assert abs(fast["padded"] - plain["padded"]) <= 1e-3 * plain["padded"]
