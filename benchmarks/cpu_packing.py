@@ -10,7 +10,8 @@ in one process, one after the other:
 Step time is the wall time between consecutive optimizer steps (data loading, forward,
 backward and optimizer included); tokens are counted from the batches the Trainer received:
 real tokens (no padding, prompt included, as TRL counts) and computed tokens (input_ids
-elements). The random-order and packed runs see the same examples in the same batches (same
+elements); tokens/s is all real tokens of the timed steps over their total time. The
+random-order and packed runs see the same examples in the same batches (same
 seed, same sampler), so their losses must agree step by step; the grouped run sees others.
 
 The three settings run in turn, `--repeats` times; a shared machine slows some runs down, so

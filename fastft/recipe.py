@@ -120,13 +120,16 @@ class DataConfig:
     packing: bool = doc(
         False,
         "Padding-free packing: the examples of a micro-batch are concatenated into one row with position ids "
-        "reset per example, so no compute is spent on padding and no attention crosses examples.",
+        "reset per example, so no compute is spent on padding and no attention crosses examples. FlashAttention-2 "
+        "attends within each example only; SDPA and eager compute the whole row's attention and mask it, which "
+        "can be slower than padding (see Speed).",
     )
     group_by_length: bool = doc(
         True,
         "With `packing` off: put examples of similar length in the same micro-batch (transformers' length-grouped "
-        "sampler: random mega-batches of 50 batches, sorted by length), so less compute goes to padding. The order "
-        "stays random across groups, but the loss per step then varies with length. Ignored with `packing`.",
+        "sampler: random mega-batches of up to 50 micro-batches, each sorted by length), so less compute goes to "
+        "padding. The order stays random across groups, but the loss per step then varies with length. Ignored "
+        "with `packing`.",
     )
     on_error: Literal["fail", "skip"] = doc(
         "fail", "A bad record stops the run (`fail`) or is skipped and reported with its line (`skip`)."

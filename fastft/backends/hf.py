@@ -120,7 +120,7 @@ class HFBackend:
 
             kwargs["device_map"] = {"": PartialState().local_process_index}  # one full model per rank
         if fast["liger_kernels"]:
-            _apply_liger(recipe)
+            _apply_liger(model_path, recipe)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         if self.stock and _has_liger_modules(model):
             raise FastftError("The hf-stock baseline was loaded in a process where Liger kernels were already applied "
@@ -167,15 +167,17 @@ def _attention(recipe) -> str:
     return "sdpa"
 
 
-def _apply_liger(recipe) -> None:
-    """Liger's fused Triton kernels for norms, RoPE and SwiGLU (NVIDIA GPU), patched into transformers."""
+def _apply_liger(model_path: str, recipe) -> None:
+    """Liger's fused Triton kernels for norms, RoPE and SwiGLU (NVIDIA GPU), patched into transformers.
+
+    The patch is process-wide and cannot be undone: every model loaded afterwards gets it.
+    """
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
     from transformers import AutoConfig
 
-    from fastft.models import resolve_model
-
     # Cross-entropy is left to TRL's fused LM head (`train.fused_loss`), which already avoids full logits.
-    model_type = AutoConfig.from_pretrained(resolve_model(recipe.model.name)).model_type
+    model_type = AutoConfig.from_pretrained(model_path, revision=recipe.model.revision or None,
+                                            trust_remote_code=recipe.model.trust_remote_code).model_type
     _apply_liger_kernel(model_type, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                         fused_linear_cross_entropy=False)
 
