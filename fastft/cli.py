@@ -91,7 +91,7 @@ def plan(recipe, gpu_memory, backend, overrides):
 @set_option
 @click.option("--examples", default=2, show_default=True, help="How many formatted examples to show.")
 def validate(recipe, overrides, examples):
-    """Check a RECIPE and its data without training: formatted examples, lengths, steps.
+    """Check a RECIPE and its data without training: formatted examples, lengths, steps, padding.
 
     The part of each example that carries the loss is shown «between guillemets» (and in green).
 
@@ -102,14 +102,16 @@ def validate(recipe, overrides, examples):
     from fastft.data import prepare
     from fastft.models import load_tokenizer
     from fastft.recipe import load_recipe
-    from fastft.train import describe_data
+    from fastft.train import describe_data, describe_padding
 
     r = load_recipe(recipe, overrides)
-    data = prepare(r, load_tokenizer(r.model), echo=click.echo)
+    tokenizer = load_tokenizer(r.model)
+    data = prepare(r, tokenizer, echo=click.echo)
     for i, pieces in enumerate(data.previews[:examples], start=1):
         click.echo(click.style(f"--- example {i}", bold=True))
         click.echo("".join(click.style(f"«{t}»", fg="green") if loss else t for t, loss in pieces))
     click.echo(describe_data(data, r))
+    click.echo(describe_padding(data, r, tokenizer))
     click.echo(f"recipe OK: {recipe}")
 
 

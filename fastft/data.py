@@ -418,8 +418,56 @@ def make_collator(tokenizer, packing: bool):
     """Batches of the prepared examples: padded to the longest, or padding-free packed.
 
     With packing, a micro-batch becomes one row with position ids restarting at each
-    example; attention implementations then keep every example to itself.
+    example; attention implementations then keep every example to itself. The first label
+    of each example is set to -100: the loss shifts labels by one, so it would otherwise
+    train the previous example's last token to predict it (padded rows never predict an
+    example's first token either).
     """
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
+
+
+def sampling_strategy(cfg: DataConfig) -> str:
+    """The trainer's `train_sampling_strategy` for the recipe: grouped by length where padding can be saved."""
+    return "group_by_length" if cfg.group_by_length and not cfg.packing else "random"
+
+
+def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampling: str = "random",
+                  grad_accum: int = 1, seed: int = 42) -> dict:
+    """How many of the tokens the model computes are padding, over one epoch of `split`.
+
+    Micro-batches of `batch_size` examples are built by the real collator (`make_collator`) in
+    the order of transformers' sampler for `sampling` (`random`, `sequential` or
+    `group_by_length`, which groups over `batch_size * grad_accum` as the Trainer does), with
+    a generator seeded by `seed`. The Trainer draws its permutation from its own random state,
+    so its batches are different ones with the same statistics. One process; the last batch
+    is kept. The collator is fed zeros of each example's length: the shapes it returns depend
+    on lengths only, and converting the real token lists would cost seconds per 5,000 examples.
+    Returns `real_tokens`, `computed_tokens` (input_ids elements, padding included),
+    `padding_tokens` and `padding_fraction` (padding / computed).
+    """
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if not len(split):
+        raise FastftError("padding_waste: the split has no examples.")
+    lengths = [len(x) for x in split.input_ids]
+    generator = torch.Generator().manual_seed(seed)
+    if sampling == "sequential":
+        order = list(range(len(split)))
+    elif sampling == "random":
+        order = torch.randperm(len(split), generator=generator).tolist()
+    elif sampling == "group_by_length":
+        order = list(LengthGroupedSampler(batch_size * grad_accum, lengths=lengths, generator=generator))
+    else:
+        raise FastftError(f"padding_waste: unknown sampling `{sampling}`; use random, sequential or group_by_length.")
+    collate = make_collator(tokenizer, packing)
+    real = computed = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real += sum(batch)
+        computed += collate([{"input_ids": np.zeros(n, dtype=np.int64)} for n in batch])["input_ids"].numel()
+    return dict(real_tokens=real, computed_tokens=computed, padding_tokens=computed - real,
+                padding_fraction=(computed - real) / computed)

@@ -57,6 +57,18 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc(
         "auto", "Attention kernel: `auto` is PyTorch SDPA (FlashAttention-2 when installed on GPU)."
     )
+    liger_kernels: Union[bool, Literal["auto"]] = doc(
+        "auto",
+        "`hf` backend: Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU. `auto` uses them on an NVIDIA "
+        "GPU when `liger-kernel` is installed (`pip install -e \".[fast]\"`); `true` insists (an error where they "
+        "cannot run); `false` keeps the model's PyTorch code.",
+    )
+    upcast_fp32: bool = doc(
+        False,
+        "`hf` backend, 4-bit only: keep the frozen weights that are not quantised (norms, embeddings, LM head) in "
+        "fp32, as `prepare_model_for_kbit_training` does; the hidden states between layers then become fp32 too, "
+        "so it is slower and takes more memory. The default keeps them in the compute dtype.",
+    )
     chat_template: str = doc(
         "", "Jinja chat template to use instead of the tokenizer's own (for `chat` data); empty keeps the tokenizer's."
     )
@@ -108,7 +120,16 @@ class DataConfig:
     packing: bool = doc(
         False,
         "Padding-free packing: the examples of a micro-batch are concatenated into one row with position ids "
-        "reset per example, so no compute is spent on padding and no attention crosses examples.",
+        "reset per example, so no compute is spent on padding and no attention crosses examples. FlashAttention-2 "
+        "attends within each example only; SDPA and eager compute the whole row's attention and mask it, which "
+        "can be slower than padding (see Speed).",
+    )
+    group_by_length: bool = doc(
+        True,
+        "With `packing` off: put examples of similar length in the same micro-batch (transformers' length-grouped "
+        "sampler: random mega-batches of up to 50 micro-batches, each sorted by length), so less compute goes to "
+        "padding. The order stays random across groups, but the loss per step then varies with length. Ignored "
+        "with `packing`.",
     )
     on_error: Literal["fail", "skip"] = doc(
         "fail", "A bad record stops the run (`fail`) or is skipped and reported with its line (`skip`)."
@@ -161,9 +182,17 @@ class TrainConfig:
     )
     max_grad_norm: float = doc(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
     seed: int = doc(42, "Seed for data order, LoRA initialisation, dropout and the eval split.", min=0)
-    gradient_checkpointing: Union[bool, Literal["auto", "offload"]] = doc(
-        True, "Recompute activations in the backward pass to save memory: true, false, `offload` or `auto` "
-        "(chosen by the memory planner)."
+    gradient_checkpointing: Union[bool, Literal["auto", "offload", "reentrant"]] = doc(
+        True,
+        "Recompute activations in the backward pass to save memory: true, false, `offload` or `auto` (chosen by "
+        "the memory planner). `reentrant` uses PyTorch's older reentrant checkpointing (as the seed scripts did), "
+        "slower than the default non-reentrant one.",
+    )
+    fused_loss: Union[bool, Literal["auto"]] = doc(
+        "auto",
+        "`hf` backend: compute the loss with TRL's chunked LM head, so the full (tokens x vocabulary) logits are "
+        "never stored. `auto` uses it on CUDA/XPU GPUs (it is a Triton kernel); `true` insists; `false` lets the "
+        "model compute full logits.",
     )
     fsdp: bool = doc(
         False,
@@ -334,6 +363,9 @@ def _check_rules(r: Recipe) -> None:
     if r.train.batch_size == "auto" and r.train.grad_accum != 1:
         raise FastftError(f"{src}: with `train.batch_size = \"auto\"` the memory planner chooses the accumulation: "
                           "remove `train.grad_accum` and set `train.global_batch_size` to the examples per step.")
+    if r.model.upcast_fp32 and r.model.quantization == "16bit":
+        raise FastftError(f"{src}: `model.upcast_fp32` only applies to a 4-bit base (it upcasts what 4-bit leaves "
+                          "unquantised); with `quantization = \"16bit\"` it would upcast the whole model. Remove it.")
     if r.model.trust_remote_code:
         print(f"warning: {src}: `model.trust_remote_code = true` runs code shipped with {r.model.name}.", file=sys.stderr)
 

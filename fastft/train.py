@@ -418,6 +418,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
     import torch
 
     from fastft.backends.hf import compute_dtype
+    from fastft.data import sampling_strategy
 
     t = recipe.train
     dtype = compute_dtype(recipe)
@@ -434,6 +435,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        train_sampling_strategy=sampling_strategy(recipe.data),  # lengths come from input_ids
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
@@ -587,6 +589,23 @@ def describe_data(data, recipe: Recipe) -> str:
     if s["no_loss_examples"]:
         text += f"\nwarning: {s['no_loss_examples']} examples had no loss-carrying token left and were dropped"
     return text
+
+
+def describe_padding(data, recipe: Recipe, tokenizer) -> str:
+    """One line: the share of computed tokens that is padding at the recipe's batch size, per batching."""
+    from fastft.data import padding_waste, sampling_strategy
+
+    t = recipe.train
+    if not isinstance(t.batch_size, int):
+        return "padding: not computed, `train.batch_size = \"auto\"` is chosen at run time"
+    chosen = "packed" if recipe.data.packing else sampling_strategy(recipe.data)
+    shares = []
+    for name, label, packing in (("random", "of computed tokens in random order", False),
+                                 ("group_by_length", "grouped by length", False), ("packed", "packed", True)):
+        sampling = "random" if packing else name
+        waste = padding_waste(data.train, tokenizer, t.batch_size, packing, sampling, t.grad_accum, t.seed)
+        shares.append(f"{100 * waste['padding_fraction']:.1f}% {label}" + (" (this recipe)" if name == chosen else ""))
+    return f"padding at batch size {t.batch_size}: " + ", ".join(shares)
 
 
 def optimizer_steps_per_epoch(n_examples: int, recipe: Recipe) -> int:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli, tiny_recipe
+from conftest import RECIPES, ROOT, run_cli, tiny_recipe
 from fastft.backends import unsloth as backend
 from fastft.errors import FastftError
 from fastft.recipe import SECTIONS, load_recipe
@@ -236,3 +236,10 @@ def test_hf_and_unsloth_hand_the_trainer_the_same_ids_and_labels(tmp_path, packi
     first = unsloth_collator([dataset[0]])
     learned = [t for t in first["labels"][0].tolist() if t != -100]
     assert tokenizer.decode(learned) == "Cela fait 1." + tokenizer.eos_token
+
+
+@pytest.mark.parametrize("override", ["model.liger_kernels=true", "model.upcast_fp32=true", "train.fused_loss=false"])
+def test_fast_path_switches_unsloth_cannot_honour_are_refused(override):
+    recipe = load_recipe(RECIPES / "fusion_fr.toml", ["model.name=fastft:tiny", override])
+    with pytest.raises(FastftError, match=f"`{override.split('=')[0]}` = {override.split('=')[1]}: .*--backend hf"):
+        backend.load_arguments(recipe, "unused", config=None)

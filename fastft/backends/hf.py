@@ -1,12 +1,14 @@
 """The `hf` backend: transformers + bitsandbytes + PEFT + TRL's SFTTrainer.
 
 Two flavours share this file:
-- the default fast path: norms stay in the compute dtype, non-reentrant gradient
-  checkpointing, TRL's fused LM head (no full logits), Liger's fused RMSNorm/RoPE/SwiGLU
-  kernels where installed on a GPU, SDPA or FlashAttention-2;
-- `stock=True` (the `hf-stock` bench row): what the seed scripts did, i.e.
-  `prepare_model_for_kbit_training` (fp32 norms, reentrant checkpointing), no fused
-  kernels. It exists to measure against.
+- the default fast path, each piece a recipe switch (`fast_path`): norms stay in the compute
+  dtype (`model.upcast_fp32`), non-reentrant gradient checkpointing
+  (`train.gradient_checkpointing`), TRL's fused LM head with no full logits
+  (`train.fused_loss`), Liger's fused RMSNorm/RoPE/SwiGLU kernels where installed on a GPU
+  (`model.liger_kernels`), SDPA or FlashAttention-2 (`model.attention`);
+- `stock=True` (the `hf-stock` bench row): what the seed scripts did whatever the recipe
+  says, i.e. `prepare_model_for_kbit_training` (fp32 norms, embeddings and head, reentrant
+  checkpointing), SDPA, full logits, no fused kernels. It exists to measure against.
 """
 
 from __future__ import annotations
@@ -60,6 +62,49 @@ def lora_config(recipe):
     )
 
 
+def fast_path(recipe, stock: bool = False) -> dict:
+    """The speed switches a load with this recipe uses on this machine, `auto` resolved.
+
+    `stock` is the seed scripts' path whatever the recipe says. Raises `FastftError` when the
+    recipe insists (`true`) on a piece that cannot run here.
+    """
+    if stock:
+        return dict(attention="sdpa", liger_kernels=False, fused_loss=False,
+                    upcast_fp32=recipe.model.quantization != "16bit", checkpointing=_checkpointing(recipe, True))
+    gpu = torch.cuda.is_available()
+    liger = recipe.model.liger_kernels
+    if liger is True and not (gpu and importlib.util.find_spec("liger_kernel")):
+        raise FastftError("`model.liger_kernels = true` needs an NVIDIA GPU and the liger-kernel package "
+                          "(`pip install -e \".[fast]\"`); here " + ("it is not installed" if gpu else "there is no GPU")
+                          + ". Set it to \"auto\" to use them only where they run.")
+    fused = recipe.train.fused_loss
+    if fused is True and not _fused_loss_available():
+        raise FastftError("`train.fused_loss = true` needs a CUDA or XPU GPU with Triton (TRL's chunked LM head is a "
+                          "Triton kernel); there is none here. Set it to \"auto\" to use it only where it runs.")
+    return dict(
+        attention=_attention(recipe),
+        liger_kernels=bool(liger) and gpu and importlib.util.find_spec("liger_kernel") is not None,
+        fused_loss=bool(fused) and _fused_loss_available(),
+        upcast_fp32=recipe.model.upcast_fp32 and recipe.model.quantization != "16bit",
+        checkpointing=_checkpointing(recipe, False),
+    )
+
+
+def _checkpointing(recipe, stock: bool) -> str:
+    """`off`, `reentrant` or `non-reentrant`."""
+    if recipe.train.gradient_checkpointing is False:
+        return "off"
+    return "reentrant" if stock or recipe.train.gradient_checkpointing == "reentrant" else "non-reentrant"
+
+
+def _fused_loss_available() -> bool:
+    if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        return False
+    from trl.trainer import utils
+
+    return utils._ChunkedLogProbFunction is not None  # None where Triton is missing
+
+
 class HFBackend:
     def __init__(self, stock: bool = False):
         self.stock = stock
@@ -72,8 +117,9 @@ class HFBackend:
         from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
 
+        fast = fast_path(recipe, self.stock)
         dtype = compute_dtype(recipe)
-        kwargs = dict(dtype=dtype, attn_implementation=_attention(recipe), revision=recipe.model.revision or None,
+        kwargs = dict(dtype=dtype, attn_implementation=fast["attention"], revision=recipe.model.revision or None,
                       trust_remote_code=recipe.model.trust_remote_code)
         if recipe.model.quantization != "16bit":
             kwargs["quantization_config"] = nf4_config(dtype)
@@ -81,17 +127,25 @@ class HFBackend:
             from accelerate import PartialState
 
             kwargs["device_map"] = {"": PartialState().local_process_index}  # one full model per rank
-        if not self.stock:
-            _apply_liger(recipe)
+        if fast["liger_kernels"]:
+            _apply_liger(model_path, recipe)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-        checkpointing = recipe.train.gradient_checkpointing not in (False, "off")
-        if self.stock and recipe.model.quantization != "16bit":
-            # The seed scripts' path: fp32 norms and reentrant checkpointing.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        if self.stock and _has_liger_modules(model):
+            raise FastftError("The hf-stock baseline was loaded in a process where Liger kernels were already applied "
+                              "(they patch transformers for the whole process), so it would not be the seeds' path. "
+                              "Run hf-stock in its own process, or before the hf backend.")
+        # Without a KV cache the mask code reads packed rows from the position ids; with one it
+        # ignores them and lets packed examples attend to each other. Training never needs the cache.
+        model.config.use_cache = False
+        checkpointing = fast["checkpointing"] != "off"
+        reentrant = {"use_reentrant": fast["checkpointing"] == "reentrant"}
+        if fast["upcast_fp32"]:
+            # The seed scripts' path: every float weight 4-bit left alone (norms, embeddings, head) in fp32.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs=reentrant)
         elif checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+            model.enable_input_require_grads()  # reentrant checkpointing only backpropagates into inputs needing grads
         torch.manual_seed(recipe.train.seed)  # the same LoRA initialisation on every backend
         return get_peft_model(model, lora_config(recipe))
 
@@ -100,10 +154,9 @@ class HFBackend:
 
         from fastft.data import make_collator
 
-        if self.stock:
-            args = dict(args, gradient_checkpointing_kwargs={"use_reentrant": True})
+        fast = fast_path(recipe, self.stock)
         config = SFTConfig(**args)
-        trainer_cls = trainer_class(recipe.train.embedding_learning_rate, full_logits=self.stock)
+        trainer_cls = trainer_class(recipe.train.embedding_learning_rate, full_logits=not fast["fused_loss"])
         trainer = trainer_cls(
             model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, data_collator=make_collator(tokenizer, recipe.data.packing),
@@ -136,20 +189,23 @@ def _attention(recipe) -> str:
     return "sdpa"
 
 
-def _apply_liger(recipe) -> None:
-    """Liger's fused Triton kernels for norms, RoPE and SwiGLU, where they can run (NVIDIA GPU)."""
-    if not torch.cuda.is_available() or not importlib.util.find_spec("liger_kernel"):
-        return
+def _apply_liger(model_path: str, recipe) -> None:
+    """Liger's fused Triton kernels for norms, RoPE and SwiGLU (NVIDIA GPU), patched into transformers.
+
+    The patch is process-wide and cannot be undone: every model loaded afterwards gets it.
+    """
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
-
-    from fastft.models import resolve_model
-
-    # Cross-entropy is left to TRL's fused LM head, which already avoids full logits.
     from transformers import AutoConfig
 
-    model_type = AutoConfig.from_pretrained(resolve_model(recipe.model.name)).model_type
+    # Cross-entropy is left to TRL's fused LM head (`train.fused_loss`), which already avoids full logits.
+    model_type = AutoConfig.from_pretrained(model_path, revision=recipe.model.revision or None,
+                                            trust_remote_code=recipe.model.trust_remote_code).model_type
     _apply_liger_kernel(model_type, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                         fused_linear_cross_entropy=False)
+
+
+def _has_liger_modules(model) -> bool:
+    return any(type(m).__module__.startswith("liger_kernel") for m in model.modules())
 
 
 def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=None):
@@ -167,6 +223,7 @@ def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=Non
     class FastftTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if full_logits or inputs["input_ids"].device.type not in ("cuda", "xpu"):
+                inputs = dict(inputs, use_cache=False)  # a cache would hide packed rows from the mask code
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 

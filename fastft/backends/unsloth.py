@@ -64,6 +64,11 @@ OPTIONS = {
     "train.embedding_learning_rate": "the shared parameter groups (hf.trainer_class) on UnslothTrainer",
     "train.gradient_checkpointing": "get_peft_model(use_gradient_checkpointing=False or \"unsloth\")",
     "train.fsdp": "refused: fastft runs Unsloth in one process (fastft.distributed.check_processes)",
+    "model.liger_kernels": "`auto`/false: Unsloth's own Triton kernels do that work; true refused (Liger would "
+                           "patch over Unsloth's)",
+    "model.upcast_fp32": "false only: Unsloth keeps norms in the compute dtype; true refused",
+    "train.fused_loss": "`auto`/true: Unsloth's own fused cross-entropy; false refused (Unsloth always fuses)",
+    "data.group_by_length": "UnslothTrainingArguments(train_sampling_strategy=...), the shared training arguments",
 }
 
 
@@ -200,6 +205,11 @@ def load_arguments(recipe, model_path: str, config) -> dict:
     """Keyword arguments for `FastLanguageModel.from_pretrained`. Raises `FastftError` for what Unsloth cannot honour."""
     from fastft.backends.hf import compute_dtype
 
+    for key, value, allowed in (("model.liger_kernels", recipe.model.liger_kernels, ("auto", False)),
+                                ("model.upcast_fp32", recipe.model.upcast_fp32, (False,)),
+                                ("train.fused_loss", recipe.train.fused_loss, ("auto", True))):
+        if value not in allowed:
+            raise FastftError(f"`{key}` = {str(value).lower()}: {OPTIONS[key]}. Remove it, or use `--backend hf`.")
     if recipe.model.attention != "auto":
         raise FastftError(
             f"`model.attention` = \"{recipe.model.attention}\": Unsloth chooses its own attention kernel "
