@@ -381,6 +381,7 @@ def measure(engine, row: str, spec: dict) -> dict:
     """Train `warmup + steps` steps through `engine`'s real path and return the row's figures."""
     import torch
 
+    from fastft.data import sampling_strategy
     from fastft.models import load_tokenizer
     from fastft.recipe import recipe_from_dict
     from fastft.train import training_arguments
@@ -388,7 +389,9 @@ def measure(engine, row: str, spec: dict) -> dict:
     recipe = recipe_from_dict(spec["recipe"], source=spec["recipe_source"])
     warmup, steps, workload = spec["warmup"], spec["steps"], spec["workload"]
     if row == "hf-stock" or workload == "synthetic":
-        recipe.data.packing = False  # the seed scripts padded to the longest; full synthetic rows have nothing to pack
+        # The seed scripts padded to the longest and drew batches in random order; full synthetic
+        # rows have nothing to pack or group, and every row then sees the same batches.
+        recipe.data.packing = recipe.data.group_by_length = False
     tokenizer = load_tokenizer(recipe.model)
     if workload == "synthetic":
         rows = recipe.train.batch_size * recipe.train.grad_accum * (warmup + steps)
@@ -429,7 +432,7 @@ def measure(engine, row: str, spec: dict) -> dict:
     achieved = model_flops(spec["shape"], total["tokens"], total["sum_sq_lengths"]) / total_s
     gib = 1024 ** 3
     return {
-        "status": "ok", "packing": recipe.data.packing, "device": device,
+        "status": "ok", "packing": recipe.data.packing, "sampling": sampling_strategy(recipe.data), "device": device,
         "step_time_s": _spread(times), "step_times_s": [round(t, 5) for t in times],
         "tokens_per_second": total["tokens"] / total_s,
         "loss_tokens_per_second": total["loss_tokens"] / total_s,
@@ -516,6 +519,7 @@ COLUMNS = [  # (header, value of an ok row as text)
     ("load s", lambda r: f"{r['load_time_s']:.1f}"),
     ("loss first->last", lambda r: f"{r['first_loss']:.3f}->{r['last_loss']:.3f}"),
     ("packing", lambda r: "yes" if r["packing"] else "no"),
+    ("order", lambda r: r.get("sampling", "")),
 ]
 
 
