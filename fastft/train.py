@@ -1,6 +1,6 @@
 """`fastft run`: one fine-tune, top to bottom.
 
-    setup:  recipe -> backend -> run folder -> tokenizer -> data   (all checked before the model loads)
+    setup:  recipe -> run folder (decided) -> backend -> tokenizer -> data -> plan   (all before the model loads)
     train:  model + LoRA -> trainer -> train (resumable, interruptible)
     save:   adapter + tokenizer (atomically) -> run summary -> sample answer
 
