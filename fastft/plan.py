@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field
 
 from fastft.errors import FastftError
+from fastft.train import is_out_of_memory
 
 GIB = 2**30
 
@@ -637,13 +638,6 @@ def plan_for_run(recipe, backend: str, data_stats: dict, echo=print, gpu_memory:
     return apply_setup(recipe, plan.chosen.setup), plan
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
 def _step_watch():
     """A Trainer callback counting the optimizer steps this attempt has run."""
     from transformers import TrainerCallback
@@ -675,7 +669,7 @@ def train_with_fallback(recipe, plan: Plan | None, attempt, echo=print):
         try:
             return attempt(recipe, watch), recipe
         except RuntimeError as e:
-            if not _is_out_of_memory(e) or plan is None or not plan.candidates:
+            if not is_out_of_memory(e) or plan is None or not plan.candidates:
                 raise
             failed = f"out of memory at step {watch.steps} with {current.setup.describe()}"
             following = plan.next_down(current)
