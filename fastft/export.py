@@ -444,12 +444,6 @@ def _config_dtype(config):
     return getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
 
 
-def _compute_dtype(recipe):
-    from fastft.backends.hf import compute_dtype
-
-    return compute_dtype(recipe)
-
-
 def _load_model(path, name: str, revision, dtype, four_bit: bool = False, trust: bool = False, device: str = "cpu"):
     """A causal LM from `path` in `dtype` (or 4-bit NF4 as the hf backend trains), in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -576,8 +570,10 @@ def load_for_generation(src: Source, base: str | None = None):
     trust = bool(src.recipe and src.recipe.model.trust_remote_code)
     if src.adapter is None:
         return _load_model(src.model, str(src.model), None, "auto", trust=trust, device=device)
+    from fastft.backends.hf import compute_dtype
+
     name, path, revision = base_model(src, base)
-    dtype = _compute_dtype(src.recipe)
+    dtype = compute_dtype(src.recipe)
     four_bit = src.recipe.model.quantization != "16bit"
     return _load_adapter(_load_model(path, name, revision, dtype, four_bit=four_bit, trust=trust, device=device),
                          src.adapter)

@@ -617,25 +617,27 @@ def optimizer_steps_per_epoch(n_examples: int, recipe: Recipe) -> int:
 
 
 def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 48):
-    """Answer one prompt with the trained adapter, formatted exactly as in training."""
+    """Answer one prompt with the trained adapter, formatted and stopped exactly as `fastft generate` does."""
     import torch
 
-    from fastft.data import render_prompt
+    from fastft.export import build_prompt, stop_token_ids
 
     prompt = recipe.train.sample_prompt
-    if not prompt:
+    if prompt:
+        text, ids = build_prompt(prompt, recipe, tokenizer)
+    else:  # the first training example's own prompt, as the pipeline rendered it
         first = data.previews[0] if data.previews else []
         text = "".join(t for t, loss in first if not loss)
         if not text or recipe.data.format == "text":
             return None
-    else:
-        text = render_prompt(prompt, recipe.data, tokenizer)
-    ids = tokenizer(text, add_special_tokens=recipe.data.format != "chat", return_tensors="pt").to(model.device)
+        ids = tokenizer(text, add_special_tokens=recipe.data.format != "chat")["input_ids"]
+    ids = torch.tensor([ids], device=model.device)
     model.eval()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return prompt or text, tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop_token_ids(recipe, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id)
+    return prompt or text, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool = False,
