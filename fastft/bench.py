@@ -36,14 +36,14 @@ import time
 from collections import deque
 from pathlib import Path
 
+from fastft.bench_count import MFU_FORMULA, CountingCollator, model_flops, model_shape, peak_tflops
+from fastft.bench_report import summary_line, terminal_table, write_outputs
 from fastft.errors import FastftError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.toml"
 # Row name -> (backend name for `get_backend`, its options).
 ROWS = {"unsloth": ("unsloth", {}), "hf": ("hf", {}), "hf-stock": ("hf", {"stock": True})}
 WORKLOADS = ("synthetic", "dataset")
-# Dense bf16 peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets; the first name found in the GPU's name wins.
-PEAK_BF16_TFLOPS = [("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.0), ("h200", 989.0), ("a100", 312.0)]
 # No GPU and no --model: exercise the harness on the tiny model with shapes a CPU runs in seconds.
 CPU_FALLBACK = dict(model="fastft:tiny", batch_size=2, seq_len=128, warmup=2, steps=5)
 PROGRESS = "[bench] "  # worker lines the parent shows; everything else is kept only for error reports
@@ -80,7 +80,7 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
     from transformers import AutoConfig
 
     from fastft.models import resolve_model
-    from fastft.train import library_versions
+    from fastft.runs import library_versions
 
     cuda = torch.cuda.is_available()
     notes = []
@@ -198,105 +198,8 @@ def run_row(row: str, spec: dict, tmp: Path, echo) -> dict:
     return result
 
 
-def summary_line(r: dict) -> str:
-    if r["status"] != "ok":
-        return f"{r['status']}: {r['reason'].splitlines()[0] if r.get('reason') else ''}"
-    mem = "" if r["peak_memory_allocated_gib"] is None else f", peak {r['peak_memory_allocated_gib']:.2f} GiB allocated"
-    return (f"{r['tokens_per_second']:,.0f} tokens/s, median step {r['step_time_s']['median']:.3f} s{mem}, "
-            f"loss {r['first_loss']} -> {r['last_loss']}")
-
-
 def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
-
-
-# --------------------------------------------------------------------------- counting
-
-
-MFU_FORMULA = ("MFU = (4 * N * tokens + 6 * n_layers * hidden * sum(L^2)) / time / peak; N = parameters of the linear "
-               "layers incl. the output head (frozen base: forward 2N + input gradients 2N per token), L = each "
-               "sequence's real length (causal attention scores and values, forward + input gradients); no "
-               "recomputation from checkpointing, no LoRA FLOPs; peak = the GPU's dense bf16 TFLOP/s")
-
-
-def count_batch(batch) -> dict:
-    """What one collated micro-batch holds, counted from its tensors.
-
-    `sequences` and `tokens` exclude padding (attention_mask, or position ids restarting at 0 when
-    examples are packed into a row); `loss_tokens` are the targets the loss is taken over (labels
-    shifted by one, != -100); `positions` include padding; `sum_sq_lengths` feeds the attention FLOPs.
-    """
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = ids.new_ones(ids.shape)
-    lengths = []
-    positions = batch.get("position_ids")
-    for r in range(ids.shape[0]):
-        if positions is None:
-            lengths.append(int(mask[r].sum()))
-            continue
-        pos = positions[r][mask[r].bool()]
-        starts = (pos == 0).nonzero().flatten().tolist()  # packed examples restart at position 0
-        if not starts or starts[0] != 0:
-            starts.insert(0, 0)
-        lengths += [b - a for a, b in zip(starts, starts[1:] + [len(pos)]) if b > a]
-    labels = batch.get("labels")
-    loss_tokens = int((labels[:, 1:] != -100).sum()) if labels is not None else int(mask[:, 1:].sum())
-    return {"sequences": len(lengths), "tokens": sum(lengths), "loss_tokens": loss_tokens,
-            "positions": int(ids.numel()), "sum_sq_lengths": sum(n * n for n in lengths)}
-
-
-class CountingCollator:
-    """Wraps the trainer's collator and records `count_batch` of every batch it makes, in order.
-
-    Batches are consumed in the order they are made (the data loader runs in this process),
-    so the k-th record is the k-th micro-batch trained, even when the loader prefetches.
-    """
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.records: list[dict] = []
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        self.records.append(count_batch(batch))
-        return batch
-
-    def __getattr__(self, name):  # anything else a trainer asks of its collator
-        if name == "collator":  # not set yet (copy, pickle): do not recurse
-            raise AttributeError(name)
-        return getattr(self.collator, name)
-
-
-def model_shape(config) -> dict:
-    """Linear-layer parameters (incl. the output head), layers, hidden size and vocabulary of a model config."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):  # shapes only: no memory, no time
-        model = AutoModelForCausalLM.from_config(config)
-    text = config.get_text_config()
-    return {"linear_parameters": linear_parameters(model), "n_layers": text.num_hidden_layers,
-            "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
-
-
-def linear_parameters(model) -> int:
-    """Weights of every `nn.Linear` in `model` (a tied output head counts: its matmul is done)."""
-    import torch
-
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def model_flops(shape: dict, tokens: int, sum_sq_lengths: int) -> float:
-    """Useful training FLOPs of a LoRA step (frozen base) over `tokens` real tokens; see `MFU_FORMULA`."""
-    return 4.0 * shape["linear_parameters"] * tokens + 6.0 * shape["n_layers"] * shape["hidden_size"] * sum_sq_lengths
-
-
-def peak_tflops(device_name: str | None) -> float | None:
-    """The dense bf16 peak of a GPU named `device_name`, or None when unknown (or CPU)."""
-    name = (device_name or "").lower()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
 # --------------------------------------------------------------------------- worker
@@ -381,7 +284,7 @@ def measure(engine, row: str, spec: dict) -> dict:
     """Train `warmup + steps` steps through `engine`'s real path and return the row's figures."""
     import torch
 
-    from fastft.data import sampling_strategy
+    from fastft.batching import sampling_strategy
     from fastft.models import load_tokenizer
     from fastft.recipe import recipe_from_dict
     from fastft.train import training_arguments
@@ -497,150 +400,9 @@ def worker(spec_file: str, result_file: str) -> None:
 
             traceback.print_exc()
             result.update(status="error", reason=f"{type(e).__name__}: {e}")
-    from fastft.train import atomic_write
+    from fastft.runs import atomic_write
 
     atomic_write(Path(result_file), json.dumps(result, default=str))
-
-
-# --------------------------------------------------------------------------- output
-
-COLUMNS = [  # (header, value of an ok row as text)
-    ("backend", lambda r: r["backend"]),
-    ("tokens/s", lambda r: f"{r['tokens_per_second']:,.0f}"),
-    ("x hf-stock", lambda r: _x(r.get("vs_hf_stock", {}).get("tokens_per_second"))),
-    ("loss tokens/s", lambda r: f"{r['loss_tokens_per_second']:,.0f}"),
-    ("all tokens/s", lambda r: f"{r['padded_tokens_per_second']:,.0f}"),
-    ("samples/s", lambda r: f"{r['samples_per_second']:,.2f}"),
-    ("step s (p20-p80)", lambda r: "{median:.3f} ({p20:.3f}-{p80:.3f})".format(**r["step_time_s"])),
-    ("alloc GiB", lambda r: _num(r["peak_memory_allocated_gib"], "{:.2f}")),
-    ("reserved GiB", lambda r: _num(r["peak_memory_reserved_gib"], "{:.2f}")),
-    ("x mem", lambda r: _x(r.get("vs_hf_stock", {}).get("peak_memory_allocated"))),
-    ("MFU", lambda r: _num(r["mfu"], "{:.1%}")),
-    ("load s", lambda r: f"{r['load_time_s']:.1f}"),
-    ("loss first->last", lambda r: f"{r['first_loss']:.3f}->{r['last_loss']:.3f}"),
-    ("packing", lambda r: "yes" if r["packing"] else "no"),
-    ("order", lambda r: r.get("sampling", "")),
-]
-
-
-def _num(value, fmt: str) -> str:
-    return "n/a" if value is None else fmt.format(value)
-
-
-def _x(value) -> str:
-    return "" if value is None else f"{value:.2f}x"
-
-
-def table_cells(report: dict) -> tuple[list[str], list[list[str]], list[str]]:
-    """Headers, one row of cells per measured backend, and a line per backend that did not run."""
-    headers = [h for h, _ in COLUMNS]
-    cells = [[fmt(r) for _, fmt in COLUMNS] for r in report["rows"] if r["status"] == "ok"]
-    others = [f"{r['backend']}: {r['status']}: {r.get('reason', '')}" for r in report["rows"] if r["status"] != "ok"]
-    return headers, cells, others
-
-
-def terminal_table(report: dict) -> str:
-    headers, cells, others = table_cells(report)
-    widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines += [first_line for o in others for first_line in o.splitlines()[:1]]
-    device = report["device"] or {}
-    lines.append(f"device: {device.get('name', 'unknown')}; tokens/s count non-padding tokens; MFU against "
-                 f"{_num(_row_peak(report), '{:.0f} TFLOP/s dense bf16')}")
-    return "\n".join(lines)
-
-
-def _row_peak(report: dict):
-    return next((r["peak_tflops"] for r in report["rows"] if r.get("peak_tflops")), None)
-
-
-def markdown(report: dict) -> str:
-    """The report as a Markdown page: context, the table, rows that did not run, the formula."""
-    headers, cells, others = table_cells(report)
-    s, device = report["settings"], report["device"] or {}
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    lines = [
-        f"# fastft bench: {report['workload']} workload",
-        "",
-        f"- command: `{report['command']}`",
-        f"- device: {device.get('name', 'unknown')}" + (f", driver {device['driver']}, CUDA {device.get('cuda')}"
-                                                         if device.get("driver") else ""),
-        f"- model: {s['model']} ({s['quantization']}), LoRA r={s['lora_r']} on {', '.join(s['lora_target_modules'])}, "
-        f"gradient checkpointing {str(s['gradient_checkpointing']).lower()}",
-        f"- batch {s['batch_size']} x {'' if report['workload'] == 'synthetic' else 'up to '}{s['seq_len']} tokens, "
-        f"grad_accum {s['grad_accum']}, "
-        f"{s['warmup_steps']} warm-up + {s['timed_steps']} timed steps",
-        f"- versions: {versions}",
-        f"- date: {report['created']}",
-    ]
-    lines += [f"- note: {n}" for n in report["notes"]]
-    lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += [""] + [f"- {o.splitlines()[0]}" for o in others]
-    lines += ["", "tokens/s counts non-padding tokens; loss tokens/s the tokens the loss is taken over; all tokens/s "
-              "includes padding. Step time: median (20th-80th percentile) over the timed steps. Memory: peak "
-              "`torch.cuda.max_memory_allocated` / `max_memory_reserved` over the timed steps.", "",
-              f"{report['mfu_formula']} ({_num(_row_peak(report), '{:.0f} TFLOP/s')})."]
-    return "\n".join(lines) + "\n"
-
-
-def chart(report: dict, path: Path) -> None:
-    """A PNG with tokens/s and peak memory per backend (matplotlib's Agg backend, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in report["rows"] if r["status"] == "ok"]
-    names = [r["backend"] for r in ok]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.6 * max(len(ok), 2) + 1.8))
-    bars = left.barh(names, [r["tokens_per_second"] for r in ok], color="tab:blue")
-    left.bar_label(bars, fmt="{:,.0f}", padding=3)
-    left.set_xlabel("tokens/s (non-padding), higher is better")
-    right.set_xlabel("peak GPU memory (GiB), lower is better")
-    if any(r["peak_memory_allocated_gib"] is not None for r in ok):
-        right.barh(names, [r["peak_memory_reserved_gib"] for r in ok], color="tab:orange", alpha=0.4, label="reserved")
-        bars = right.barh(names, [r["peak_memory_allocated_gib"] for r in ok], color="tab:orange", label="allocated")
-        right.bar_label(bars, fmt="{:.2f}", padding=3)
-        right.legend(loc="lower right")
-    else:
-        right.set_yticks([])
-        right.set_xticks([])
-        right.text(0.5, 0.5, "no GPU memory to show (CPU run)", ha="center", va="center", transform=right.transAxes)
-    for ax in (left, right):
-        ax.invert_yaxis()
-        ax.margins(x=0.25)
-    s = report["settings"]
-    device = (report["device"] or {}).get("name", "unknown")
-    title = (f"fastft bench, {report['workload']}: {s['model']} {s['quantization']}, batch {s['batch_size']} x "
-             f"{s['seq_len']} on {device}")
-    if device.startswith("CPU"):
-        title += "\nCPU harness run: not a performance claim"
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-
-
-def write_outputs(report: dict, out: Path, echo=print) -> list[Path]:
-    """Write `out` (JSON), its `.md` and `.png` siblings, each atomically; return what was written."""
-    from fastft.train import atomic_write
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = out.with_suffix(".json"), out.with_suffix(".md"), out.with_suffix(".png")
-    atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write(md_path, markdown(report))
-    written = [json_path, md_path]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        echo("note: matplotlib is not installed (`pip install -e \".[dev]\"`): no chart written")
-        return written
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    chart(report, tmp)
-    os.replace(tmp, png_path)
-    return written + [png_path]
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def plan(recipe, gpu_memory, backend, overrides):
     Example:
         fastft plan recipes/fusion_fr_auto.toml --gpu-memory 16 --set model.name=random:llama-3.1-8b
     """
-    from fastft.plan import plan_command
+    from fastft.plan_report import plan_command
 
     click.echo(plan_command(recipe, backend, overrides, gpu_memory))
 
@@ -99,10 +99,10 @@ def validate(recipe, overrides, examples):
     Example:
         fastft validate recipes/fusion_fr.toml --set model.name=fastft:tiny
     """
+    from fastft.batching import describe_data, describe_padding
     from fastft.data import prepare
     from fastft.models import load_tokenizer
     from fastft.recipe import load_recipe
-    from fastft.train import describe_data, describe_padding
 
     r = load_recipe(recipe, overrides)
     tokenizer = load_tokenizer(r.model)
@@ -153,7 +153,7 @@ def merge(source, out, dtype, base, no_check, max_shard_size, gguf, overwrite):
         fastft merge outputs/quickstart --out outputs/quickstart-merged
         fastft merge outputs/fusion_fr --out merged/fusion_fr --dtype bf16 --base ~/models/Llama-3.2-1B-Instruct
     """
-    from fastft.export import merge as merge_adapter
+    from fastft.merge import merge as merge_adapter
 
     merge_adapter(source, out, dtype=dtype, base=base, check=not no_check, overwrite=overwrite,
                   max_shard_size=max_shard_size, gguf=gguf, echo=click.echo)
@@ -181,7 +181,7 @@ def generate(source, prompts, prompt_file, max_new_tokens, temperature, top_p, s
         fastft generate outputs/quickstart --prompt "Qu'est-ce qu'un tokamak ?"
         fastft generate outputs/quickstart-merged --file questions.txt --temperature 0.7 --top-p 0.9
     """
-    from fastft.export import generate as answer
+    from fastft.generate import generate as answer
 
     texts = list(prompts) + ([line.rstrip("\r\n") for line in prompt_file if line.strip()] if prompt_file else [])
     if not texts:

@@ -265,6 +265,44 @@ def render_prompt(text: str, cfg: DataConfig, tokenizer) -> str:
     return text
 
 
+def build_prompt(text: str, recipe: Recipe | None, tokenizer) -> tuple[str, list[int]]:
+    """The prompt text and token ids for user text `text`, exactly as training put them before an answer.
+
+    Chat templates write their own special tokens; other formats get the tokenizer's, as in
+    `fastft.data.tokenize`. Without a recipe, `text` is used as is.
+    """
+    if recipe is None:
+        return text, tokenizer(text)["input_ids"]
+    prompt = render_prompt(text, recipe.data, tokenizer)
+    return prompt, tokenizer(prompt, add_special_tokens=recipe.data.format != "chat")["input_ids"]
+
+
+def stop_token_ids(recipe: Recipe | None, tokenizer) -> list[int]:
+    """The token ids that end an answer: the one training put after every answer first, then the EOS.
+
+    For chat data it is the first special token the chat template writes after an assistant
+    message (e.g. <|im_end|>, <|eot_id|>), found by rendering a probe conversation through the
+    data pipeline; for the other formats it is the tokenizer's EOS (`data.add_eos`).
+    """
+    ids = []
+    if recipe is not None and recipe.data.format == "chat":
+        probe = "fastft stop-token probe"
+        messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}]
+        segments = render(Record("<probe>", 1, {recipe.data.messages_field: messages}), recipe.data, tokenizer)
+        answer = next(text for text, loss in segments if loss)
+        tail = tokenizer(answer[answer.index(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        ids += [i for i in tail if i in special][:1]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def prompt_template(recipe: Recipe, tokenizer) -> str:
+    """The training prompt with `{prompt}` where the user's text goes (the answer follows it)."""
+    return build_prompt("{prompt}", recipe, tokenizer)[0]
+
+
 # --------------------------------------------------------------------------- tokenising
 
 
@@ -412,62 +450,3 @@ def _pieces(text: str, labels: list[int], offsets) -> list[tuple[str, bool]]:
         else:
             pieces.append((text[start:end], loss))
     return pieces
-
-
-def make_collator(tokenizer, packing: bool):
-    """Batches of the prepared examples: padded to the longest, or padding-free packed.
-
-    With packing, a micro-batch becomes one row with position ids restarting at each
-    example; attention implementations then keep every example to itself. The first label
-    of each example is set to -100: the loss shifts labels by one, so it would otherwise
-    train the previous example's last token to predict it (padded rows never predict an
-    example's first token either).
-    """
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
-
-
-def sampling_strategy(cfg: DataConfig) -> str:
-    """The trainer's `train_sampling_strategy` for the recipe: grouped by length where padding can be saved."""
-    return "group_by_length" if cfg.group_by_length and not cfg.packing else "random"
-
-
-def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampling: str = "random",
-                  grad_accum: int = 1, seed: int = 42) -> dict:
-    """How many of the tokens the model computes are padding, over one epoch of `split`.
-
-    Micro-batches of `batch_size` examples are built by the real collator (`make_collator`) in
-    the order of transformers' sampler for `sampling` (`random`, `sequential` or
-    `group_by_length`, which groups over `batch_size * grad_accum` as the Trainer does), with
-    a generator seeded by `seed`. The Trainer draws its permutation from its own random state,
-    so its batches are different ones with the same statistics. One process; the last batch
-    is kept. The collator is fed zeros of each example's length: the shapes it returns depend
-    on lengths only, and converting the real token lists would cost seconds per 5,000 examples.
-    Returns `real_tokens`, `computed_tokens` (input_ids elements, padding included),
-    `padding_tokens` and `padding_fraction` (padding / computed).
-    """
-    import numpy as np
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    if not len(split):
-        raise FastftError("padding_waste: the split has no examples.")
-    lengths = [len(x) for x in split.input_ids]
-    generator = torch.Generator().manual_seed(seed)
-    if sampling == "sequential":
-        order = list(range(len(split)))
-    elif sampling == "random":
-        order = torch.randperm(len(split), generator=generator).tolist()
-    elif sampling == "group_by_length":
-        order = list(LengthGroupedSampler(batch_size * grad_accum, lengths=lengths, generator=generator))
-    else:
-        raise FastftError(f"padding_waste: unknown sampling `{sampling}`; use random, sequential or group_by_length.")
-    collate = make_collator(tokenizer, packing)
-    real = computed = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
-        real += sum(batch)
-        computed += collate([{"input_ids": np.zeros(n, dtype=np.int64)} for n in batch])["input_ids"].numel()
-    return dict(real_tokens=real, computed_tokens=computed, padding_tokens=computed - real,
-                padding_fraction=(computed - real) / computed)

@@ -1,314 +1,29 @@
 """The memory planner: the fastest training setup that fits the GPU, chosen before the model loads.
 
-A setup is a micro-batch size (with gradient accumulation keeping the global batch fixed),
-a gradient-checkpointing mode (`off`, `on`, `offload`) and a base precision (`4bit`,
-`16bit`). For each one, `estimate` predicts the peak GPU memory from the model's shapes,
-component by component, and `relative_speed` its throughput relative to the others.
-`make_plan` keeps the setups the recipe allows, marks those that fit with a safety margin
-and picks the fastest. `fastft plan` prints the table; `fastft run` applies the choice to
-the recipe's `"auto"` settings (`plan_for_run`) and, on an out-of-memory error in the first
-steps, retries with the next setup down (`train_with_fallback`).
-
-What is measured and what is not: the constants marked FITTED below were set so that the
-model reproduces peak *allocated* memory and throughput measured on one H100
-(`benchmarks/memory_calibration.json`); everything else follows from counting bytes. The
-plan compares peak *reserved* memory (what the caching allocator holds, what nvidia-smi
-shows) with the free memory, taking reserved = allocated x RESERVED_PER_ALLOCATED, an
-allowance not yet measured.
+`make_plan` estimates every setup of the recipe's global batch with the memory model
+(`fastft/memory.py`), keeps those the recipe allows, marks those that fit with a safety margin
+and picks the fastest; when nothing fits it says what to change. `fastft plan` prints the plan
+(`fastft/plan_report.py`); `fastft run` applies the choice to the recipe's `"auto"` settings
+(`plan_for_run`) and, on an out-of-memory error in the first steps, asks `Plan.next_down` for the
+setup to retry with (`fastft/train.py`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import importlib.util
-import json
 from dataclasses import dataclass, field
 
 from fastft.errors import FastftError
-from fastft.train import is_out_of_memory
+from fastft.memory import ACTIVATION_ELEMENTS, GIB, Candidate, Job, Setup, estimate, model_shape, relative_speed
 
-GIB = 2**30
-
-# --- base weights
-# NF4 with double quantisation (bitsandbytes): 4 bits per weight, one 8-bit absmax per block of
-# 64 weights, one fp32 absmax per 256 of those blocks. Only linear layers inside the blocks are
-# quantised; embeddings, the LM head and norms stay in the compute dtype.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-# --- trainable weights
-# PEFT upcasts LoRA weights to fp32 (`autocast_adapter_dtype`), so each has an fp32 gradient, and
-# mixed-precision autocast caches a 16-bit copy of each during the forward pass.
-LORA_BYTES_PER_PARAM = 4 + 4 + 2
-ADAM_STATES = 2  # exp_avg and exp_avg_sq, in the parameter's dtype (1 byte each for the 8-bit optimizers)
-EIGHT_BIT_OPTIMIZERS = {"adamw_8bit", "paged_adamw_8bit"}
-
-# --- activations
-# Tensors kept for the backward pass per token and per decoder block, in elements of the compute
-# dtype, as multiples of (hidden, q width, kv width, MLP width), counted from what each
-# implementation saves:
-#   unsloth: norm inputs (2 h), normed inputs to the fused QKV and MLP LoRA kernels (2 h),
-#            q/k/v (q + 2 kv), attention output and its contiguous copy for o_proj (2 q), and
-#            the MLP's gate and up outputs (2 I); Unsloth recomputes silu(gate) * up in backward.
-#   hf:      the same with Liger's RMSNorm and SwiGLU, plus the SwiGLU output that PEFT's
-#            down_proj LoRA keeps as its input (3 I).
-#   hf-nokernels: without Liger, each RMSNorm also keeps an fp32 copy of its input (+2 h each)
-#            and the MLP keeps gate, silu(gate), up and their product (4 I).
-#   hf-stock: `prepare_model_for_kbit_training` upcasts norms to fp32, so their outputs and
-#            the tensors they keep are fp32 too (about +4 h more).
-ACTIVATION_ELEMENTS = {
-    "unsloth": (4, 3, 2, 2),
-    "hf": (4, 3, 2, 3),
-    "hf-nokernels": (8, 3, 2, 4),
-    "hf-stock": (12, 3, 2, 4),
-}
-
-# --- loss
-# Full logits (the stock path: the model's own loss): bf16 logits (2 bytes), their fp32 upcast (4),
-# the log-softmax output kept for backward (4) and its fp32 gradient (4), per token and vocabulary
-# entry. FITTED: 14 reproduces the stock 1B point (the derivation above gives 14 exactly; 16 with the
-# bf16 gradient of the logits would overshoot it by 7%).
-FULL_LOGITS_BYTES = 14
-# TRL's fused LM head (the hf backend on CUDA) projects [4096 tokens x 32768 vocab] tiles and keeps
-# an fp32 gradient for the hidden states (trl/kernels/chunked_logprob.py).
-TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
-# Unsloth's fused cross-entropy works in chunks of its own; FITTED to the Unsloth 1B point with
-# checkpointing (the only free term there): the residual is about the same at 1B and 8B.
-UNSLOTH_LOSS_GIB = 0.30
-
-# --- reserved vs allocated, and the budget
-RESERVED_PER_ALLOCATED = 1.10  # caching-allocator rounding and fragmentation: NOT YET MEASURED
+# --- the budget
 CUDA_CONTEXT_GIB = 0.5  # CUDA context and kernel images, outside torch's counters (with --gpu-memory)
 SAFETY_MARGIN = 0.10  # of the memory available: kept free for what the model does not count
 DEFAULT_GPU_GIB = 24.0  # `fastft plan` on a machine without a GPU and without --gpu-memory
 
-# --- speed, relative
-# Checkpointing recomputes the forward pass; with the base frozen there are no weight gradients,
-# so the backward costs about one forward and recomputing adds ~50% (speed x 0.67). FITTED: 0.68,
-# the mean of the measured 0.70 (1B) and 0.67 (8B) of Unsloth's offloaded checkpointing vs off.
-OFFLOAD_SPEED = 0.68
-CHECKPOINT_SPEED = OFFLOAD_SPEED / 0.98  # the same recompute without the CPU copies: assumed 2% faster, not measured
-# Dequantising NF4 weights costs time a 16-bit base does not. FITTED: 1 / 0.93 = 1.075, the mean of
-# the measured 16-bit speed-ups 1.11 (1B) and 1.04 (8B).
-NF4_SPEED = 0.93
-# Small micro-batches leave the GPU underused: speed ~ tokens / (tokens + SATURATION_TOKENS) per
-# micro-batch. An assumption, not measured.
-SATURATION_TOKENS = 256
-
 FALLBACK_STEPS = 10  # an out-of-memory error within this many steps falls back to the next setup down
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes of a decoder-only transformer that decide its memory (Llama-style blocks)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """The linear layers of one block: name -> (in features, out features)."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linears().values())
-
-    @property
-    def embedding_params(self) -> int:
-        """Input embedding plus LM head (one matrix when tied)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.linear_params + self.embedding_params + self.norm_params
-
-
-def shape_from_config(config: dict) -> Shape:
-    """A `Shape` from a model's config.json values. Raises `FastftError` for configs without Llama-style sizes."""
-    config = config.get("text_config") or config
-    try:
-        heads = config["num_attention_heads"]
-        return Shape(
-            layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-            kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate=config["intermediate_size"], vocab=config["vocab_size"],
-            tied=bool(config.get("tie_word_embeddings", False)),
-        )
-    except (KeyError, TypeError) as e:
-        raise FastftError(
-            f"the memory planner reads Llama-style configs (hidden_size, num_hidden_layers, num_attention_heads, "
-            f"intermediate_size, vocab_size); this model's config lacks {e}. Set train.batch_size, "
-            "train.gradient_checkpointing and model.quantization explicitly instead of \"auto\"."
-        ) from None
-
-
-def model_shape(model_cfg) -> Shape:
-    """The shape of the recipe's model, read without loading weights (built-in shapes are not even built).
-
-    Raises `FastftError` when a Hub model's config.json is not available here.
-    """
-    from fastft.models import ARCHITECTURES, SPECIAL_TOKENS, TINY, cache_dir, is_builtin
-
-    if is_builtin(model_cfg.name):
-        arch = "tiny" if model_cfg.name == TINY else model_cfg.name.removeprefix("random:")
-        built = cache_dir() / "models" / arch / "config.json"
-        if built.exists():
-            return shape_from_config(json.loads(built.read_text()))
-        if arch not in ARCHITECTURES:
-            from fastft.models import resolve_model
-
-            resolve_model(model_cfg.name)  # raises the error listing the built-in models
-        config = dict(ARCHITECTURES[arch])
-        if config["vocab_size"] is None:  # the tiny model's byte-level tokenizer: 256 bytes + special tokens
-            config["vocab_size"] = 256 + len(SPECIAL_TOKENS)
-        return shape_from_config(config)
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_cfg.name, revision=model_cfg.revision or None,
-                                            trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise FastftError(
-            f"`model.name` = \"{model_cfg.name}\": the planner needs its config.json and could not read it "
-            f"({str(e).splitlines()[0]}). Without network, plan with a built-in model of the same shape, "
-            "e.g. --set model.name=random:llama-3.1-8b."
-        ) from None
-    return shape_from_config(config.to_dict())
-
-
-# --------------------------------------------------------------------------- the memory model
-
-
-@dataclass(frozen=True)
-class Job:
-    """What is fixed while the planner varies the setup: the model, the backend, the work per example."""
-
-    shape: Shape
-    backend: str  # a key of ACTIVATION_ELEMENTS: unsloth, hf, hf-nokernels, hf-stock
-    seq_len: int  # tokens per example (the longest)
-    lora_r: int = 16
-    lora_targets: tuple[str, ...] = ("all-linear",)
-    trained_modules: tuple[str, ...] = ()  # lora.modules_to_save (embed_tokens, lm_head)
-    optimizer: str = "adamw_torch"
-    elem_bytes: int = 2  # compute dtype: 2 for bf16/fp16, 4 for fp32
-    eager_attention: bool = False
-
-    @property
-    def lora_params(self) -> int:
-        targets = self.lora_targets
-        linears = self.shape.linears()
-        chosen = linears if "all-linear" in targets else {k: v for k, v in linears.items() if k in targets}
-        return self.shape.layers * sum(self.lora_r * (a + b) for a, b in chosen.values())
-
-
-@dataclass(frozen=True)
-class Setup:
-    """One candidate: how the global batch is split, how activations are kept, how the base is stored."""
-
-    micro_batch: int
-    grad_accum: int
-    checkpointing: str  # off | on | offload
-    quantization: str  # 4bit | 16bit
-
-    def describe(self) -> str:
-        return (f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation, "
-                f"checkpointing {self.checkpointing}, {self.quantization} base")
-
-
-def estimate(job: Job, setup: Setup) -> dict[str, float]:
-    """Predicted peak allocated GPU memory in bytes, per component (their sum is the total)."""
-    s, e = job.shape, job.elem_bytes
-    stock = job.backend == "hf-stock"
-    tokens = setup.micro_batch * job.seq_len
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-
-    # Frozen base. The stock path's prepare_model_for_kbit_training upcasts every weight it does not
-    # quantise to fp32.
-    if setup.quantization == "4bit":
-        weights = s.linear_params * NF4_BYTES_PER_PARAM + (s.embedding_params + s.norm_params) * (4 if stock else e)
-    else:
-        weights = s.params * e
-
-    # Trainable weights, their gradients and optimizer states. Fully trained modules
-    # (modules_to_save) are copies in the compute dtype with optimizer states of that dtype.
-    state_bytes = 1 if job.optimizer in EIGHT_BIT_OPTIMIZERS else None
-    trainable = job.lora_params * (LORA_BYTES_PER_PARAM + ADAM_STATES * (state_bytes or 4))
-    full = sum(s.vocab * s.hidden for m in job.trained_modules if m in ("embed_tokens", "lm_head"))
-    trainable += full * (e + e + ADAM_STATES * (state_bytes or e))
-
-    # Activations kept for backward. Off: every block's. On: the block boundaries (the residual
-    # stream, fp32 in the stock path) plus one block recomputed at a time. Offload: boundaries go to
-    # CPU memory; one is in flight each way.
-    a_h, a_q, a_kv, a_i = ACTIVATION_ELEMENTS[job.backend]
-    block = tokens * e * (a_h * s.hidden + a_q * q + a_kv * kv + a_i * s.intermediate)
-    if job.eager_attention:  # eager attention materialises scores and probabilities per head
-        block += setup.micro_batch * s.heads * job.seq_len**2 * e * 2
-    boundary = tokens * s.hidden * (4 if stock else e)
-    if setup.checkpointing == "off":
-        activations = s.layers * block
-    elif setup.checkpointing == "on":
-        activations = s.layers * boundary + block
-    else:
-        activations = 2 * boundary + block
-
-    # The loss: full logits, TRL's tiles, or Unsloth's chunks.
-    if stock:
-        loss = tokens * s.vocab * FULL_LOGITS_BYTES
-    elif job.backend == "unsloth":
-        loss = UNSLOTH_LOSS_GIB * GIB
-    else:
-        loss = min(tokens, TRL_TOKEN_TILE) * min(s.vocab, TRL_VOCAB_TILE) * e + tokens * s.hidden * (4 + e)
-
-    # Backward workspace: gradients flowing through the block being differentiated (hidden-sized and
-    # MLP-sized), and for a 4-bit base one weight dequantised at a time for the input gradient.
-    workspace = tokens * (2 * s.hidden + 2 * s.intermediate) * e
-    if setup.quantization == "4bit":
-        workspace += max(a * b for a, b in s.linears().values()) * e
-
-    return {"weights": weights, "trainable": trainable, "activations": activations, "loss": loss,
-            "workspace": workspace}
-
-
-def relative_speed(job: Job, setup: Setup) -> float:
-    """Throughput (tokens/s) relative to an ideal 16-bit run without checkpointing: comparable within one job."""
-    tokens = setup.micro_batch * job.seq_len
-    speed = tokens / (tokens + SATURATION_TOKENS)
-    speed *= {"off": 1.0, "on": CHECKPOINT_SPEED, "offload": OFFLOAD_SPEED}[setup.checkpointing]
-    if setup.quantization == "4bit":
-        speed *= NF4_SPEED
-    return speed
-
-
-@dataclass
-class Candidate:
-    setup: Setup
-    parts: dict[str, float]  # bytes per component (empty where nothing was estimated: CPU)
-    speed: float
-
-    @property
-    def allocated_gib(self) -> float:
-        return sum(self.parts.values()) / GIB
-
-    @property
-    def reserved_gib(self) -> float:
-        return self.allocated_gib * RESERVED_PER_ALLOCATED
 
 
 # --------------------------------------------------------------------------- the plan
@@ -386,7 +101,7 @@ def job_for(recipe, backend: str, seq_len: int) -> Job:
 
 def per_process_batch(recipe) -> int:
     """Examples per optimizer step on this process. Raises `FastftError` if it does not divide among processes."""
-    from fastft.train import world_size
+    from fastft.distributed import world_size
 
     t = recipe.train
     total = t.global_batch_size if t.batch_size == "auto" else t.batch_size * t.grad_accum * world_size()
@@ -409,7 +124,7 @@ def make_plan(recipe, backend: str, usable_gib: float | None, budget_note: str, 
                            for mode in modes for quant in ("4bit", "16bit"))]
     every.sort(key=lambda c: (-c.speed, c.reserved_gib))
     allowed = _allowed(recipe, backend)
-    fixed = [f"{key} = {_toml(value)}" for key, value in _fixed(recipe).items()]
+    fixed = [f"{key} = {toml_value(value)}" for key, value in _fixed(recipe).items()]
     plan = Plan(job, global_batch, usable_gib, budget_note, seq_note, [c for c in every if allowed(c.setup)],
                 None, fixed)
     plan.chosen = next((c for c in plan.candidates if plan.fits(c)), None)
@@ -446,8 +161,8 @@ def _changes(recipe, backend: str, setup: Setup) -> list[str]:
         out.append(f"train.batch_size {t.batch_size} -> {setup.micro_batch} with train.grad_accum "
                    f"{t.grad_accum} -> {setup.grad_accum}")
     if t.gradient_checkpointing != "auto" and _recipe_mode(t.gradient_checkpointing, backend) != setup.checkpointing:
-        out.append(f"train.gradient_checkpointing {_toml(t.gradient_checkpointing)} -> "
-                   f"{_toml(recipe_setting(setup.checkpointing))}")
+        out.append(f"train.gradient_checkpointing {toml_value(t.gradient_checkpointing)} -> "
+                   f"{toml_value(recipe_setting(setup.checkpointing))}")
     if recipe.model.quantization not in ("auto", setup.quantization):
         out.append(f"model.quantization \"{recipe.model.quantization}\" -> \"{setup.quantization}\"")
     return out
@@ -500,7 +215,7 @@ def _longest_that_fits(plan: Plan, setups: list[Setup]) -> int | None:
     return lo * 64 or None
 
 
-def _toml(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value) if isinstance(value, int) else f"\"{value}\""
@@ -534,55 +249,7 @@ def gpu_budget(gpu_memory: float | None, label: str = "--gpu-memory") -> tuple[f
                           f"less {SAFETY_MARGIN:.0%} margin")
 
 
-def plan_command(recipe_path: str, backend: str, overrides=(), gpu_memory: float | None = None) -> str:
-    """What `fastft plan` prints. Raises `FastftError` for a bad recipe or a model config it cannot read."""
-    from fastft.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    usable, note = gpu_budget(gpu_memory)
-    if usable is None:
-        usable, note = gpu_budget(DEFAULT_GPU_GIB, "no GPU here and no --gpu-memory: a card of this size assumed")
-    seq = recipe.data.max_length
-    plan = make_plan(recipe, backend, usable, note, seq,
-                     f"{seq} tokens each (data.max_length; `fastft run` plans for the longest tokenised example)")
-    return format_plan(plan, recipe.model.name, backend)
-
-
-def format_plan(plan: Plan, model_name: str, backend: str) -> str:
-    """The table `fastft plan` prints: every allowed candidate, fastest first, and the choice."""
-    s, job = plan.job.shape, plan.job
-    lines = [
-        f"model    {model_name}: {s.layers} layers, hidden {s.hidden}, MLP {s.intermediate}, vocab {s.vocab}"
-        f"{' (tied)' if s.tied else ''}; {s.params / 1e9:.2f}B parameters",
-        f"backend  {backend}; LoRA r={job.lora_r} ({job.lora_params / 1e6:.1f}M trainable), optimizer {job.optimizer}",
-        f"batch    {plan.global_batch} examples per optimizer step, {plan.seq_note}",
-        f"GPU      {plan.usable_gib:.1f} GiB usable: {plan.budget_note}",
-    ]
-    if plan.fixed:
-        lines.append(f"fixed    by the recipe: {', '.join(plan.fixed)} (\"auto\" lets the planner choose)")
-    lines += ["", "  micro x accum  checkpointing  base   weights  LoRA+opt  activations  loss+work  "
-                  "peak reserved  speed"]
-    for c in plan.candidates:
-        p = {k: v / GIB for k, v in c.parts.items()}
-        mark = ">" if c is plan.chosen else " "
-        status = "chosen" if c is plan.chosen else ("fits" if plan.fits(c) else "too big")
-        lines.append(f"{mark} {c.setup.micro_batch:>5} x {c.setup.grad_accum:<5}  {c.setup.checkpointing:<13}  "
-                     f"{c.setup.quantization:<5}  {p['weights']:>7.1f}  {p['trainable']:>8.1f}  "
-                     f"{p['activations']:>11.1f}  {p['loss'] + p['workspace']:>9.1f}  {c.reserved_gib:>9.1f} GiB  "
-                     f"{c.speed / plan.candidates[0].speed:>5.2f}  {status}")
-    lines.append(f"(GiB; peak reserved = allocated x {RESERVED_PER_ALLOCATED}; speed relative to the first row)")
-    if plan.chosen:
-        lines.append(f"chosen: {plan.chosen.setup.describe()}: predicted peak {plan.chosen.reserved_gib:.1f} GiB "
-                     f"reserved of {plan.usable_gib:.1f} usable")
-    else:
-        lines.append("nothing the recipe allows fits. Change one of:")
-        lines += [f"  {a}" for a in plan.advice]
-    if plan.chosen and plan.proposal and plan.proposal_changes:
-        lines.append(_proposal_line(plan))
-    return "\n".join(lines)
-
-
-def _proposal_line(plan: Plan) -> str:
+def proposal_line(plan: Plan) -> str:
     gain = f"{plan.proposal.speed / plan.chosen.speed:.2f}x faster, " if plan.chosen else ""
     numerics = " (changes the numerics)" if any("quantization" in c for c in plan.proposal_changes) else ""
     return (f"proposed, not applied: {'; '.join(plan.proposal_changes)}{numerics}: {gain}"
@@ -634,72 +301,7 @@ def plan_for_run(recipe, backend: str, data_stats: dict, echo=print, gpu_memory:
     echo(f"plan: {plan.chosen.setup.describe()}: predicted peak {plan.chosen.reserved_gib:.1f} GiB reserved of "
          f"{plan.usable_gib:.1f} usable ({note}; examples up to {seq_len} tokens)")
     if plan.proposal and plan.proposal_changes:
-        echo(f"plan: {_proposal_line(plan)}")
+        echo(f"plan: {proposal_line(plan)}")
     return apply_setup(recipe, plan.chosen.setup), plan
 
 
-def _step_watch():
-    """A Trainer callback counting the optimizer steps this attempt has run."""
-    from transformers import TrainerCallback
-
-    class StepWatch(TrainerCallback):
-        start = steps = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = state.global_step  # non-zero when resuming
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.steps = state.global_step - self.start
-
-    return StepWatch()
-
-
-def train_with_fallback(recipe, plan: Plan | None, attempt, echo=print):
-    """Return (`attempt(recipe, watch)`, the recipe it succeeded with).
-
-    `attempt` loads the model, builds the trainer with `watch` among its callbacks and trains.
-    With an automatic plan on a GPU budget, an out-of-memory error within the first
-    FALLBACK_STEPS steps frees the memory and retries with the next candidate down, saying so.
-    Raises `FastftError` when no smaller candidate is left or the error came later; other errors
-    propagate unchanged.
-    """
-    current = plan.chosen if plan is not None else None
-    while True:
-        watch = _step_watch()
-        try:
-            return attempt(recipe, watch), recipe
-        except RuntimeError as e:
-            if not is_out_of_memory(e) or plan is None or not plan.candidates:
-                raise
-            failed = f"out of memory at step {watch.steps} with {current.setup.describe()}"
-            following = plan.next_down(current)
-            late = watch.steps >= FALLBACK_STEPS
-        # Outside the except block: the traceback, which holds the model and trainer, is gone.
-        gc.collect()
-        _empty_cuda_cache()
-        if following is None:
-            raise FastftError(
-                f"{failed} (predicted {current.reserved_gib:.1f} GiB), and no smaller setup is left among those the "
-                "recipe allows. Lower data.max_length, free GPU memory, or set more of train.batch_size, "
-                "train.gradient_checkpointing and model.quantization to \"auto\"; `fastft plan` shows the predictions.")
-        if late:
-            s = following.setup
-            raise FastftError(
-                f"{failed} (predicted {current.reserved_gib:.1f} GiB). fastft falls back automatically only in the "
-                f"first {FALLBACK_STEPS} steps, since a later fallback would start over. Resume with the next setup "
-                f"down fixed: --resume --set train.batch_size={s.micro_batch} --set train.grad_accum={s.grad_accum} "
-                "--set train.global_batch_size=0 --set "
-                f"train.gradient_checkpointing={_toml(recipe_setting(s.checkpointing))} --set "
-                f"model.quantization={s.quantization}.")
-        plan.fallbacks.append({"failed": failed, "next": following.setup.describe()})
-        echo(f"plan: {failed} (predicted {current.reserved_gib:.1f} GiB); falling back to "
-             f"{following.setup.describe()} (predicted {following.reserved_gib:.1f} GiB)")
-        current = plan.chosen = following
-        recipe = apply_setup(recipe, following.setup)
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,38 +1,38 @@
 """`fastft run`: one fine-tune, top to bottom.
 
-    setup:  recipe -> run folder (decided) -> backend -> tokenizer -> data -> plan   (all before the model loads)
-    train:  model + LoRA -> trainer -> train (resumable, interruptible)
+    setup:  recipe -> run folder (claimed) -> backend -> tokenizer + data -> plan -> run folder opened
+            (everything that can be wrong is found before the model loads)
+    train:  model + LoRA -> trainer -> train (resumable, interruptible; retried with a smaller
+            setup if an automatic plan runs out of GPU memory in the first steps)
     save:   adapter + tokenizer (atomically) -> run summary -> sample answer
 
-The run folder:
-
-    outputs/<name>/
-      recipe.toml      the resolved recipe (rerunnable as is)
-      fastft.json      run summary: backend, versions, seed, data fingerprint, tokens, losses, wall time
-      adapter/         PEFT adapter (safetensors) and tokenizer, loadable with stock PEFT
-      checkpoints/     resumable checkpoints, each marked complete only once fully written
-      logs/            TensorBoard events
-
+The run folder and its files are `fastft/runs.py`'s job; the data pipeline is `fastft/data.py`'s.
 Under torchrun/`accelerate launch` (or `fastft run --nproc N`) every process runs this same
 flow on its own GPU; only rank 0 writes the run folder (see `fastft/distributed.py`).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+from fastft.batching import describe_data
+from fastft.data import prepare
 from fastft.distributed import (any_process, check_processes, is_main_process, local_main_first, torchrun_command,
-                                wait_for_everyone, world_size)
+                                world_size)
 from fastft.errors import FastftError
-from fastft.recipe import Recipe, load_recipe, to_toml
-
-COMPLETE_MARK = "fastft-complete"  # written last into a checkpoint: its absence means "half written"
+from fastft.generate import sample_answer
+from fastft.models import load_tokenizer, resolve_model
+from fastft.plan import FALLBACK_STEPS, Plan, apply_setup, plan_for_run, recipe_setting, toml_value
+from fastft.recipe import Recipe, load_recipe
+from fastft.runs import (Callback, MarkComplete, atomic_write, check_resumable, check_same_data, claim_run_dir,
+                         latest_checkpoint, library_versions, open_run_dir, refuse_pickle_weights, resume_command,
+                         run_folder, save_adapter)
 
 
 class Interrupted(FastftError):
@@ -66,37 +66,55 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     from fastft.backends import get_backend
 
     engine = get_backend(backend, **(backend_options or {}))  # Unsloth, if chosen, is imported here, first
+    check_sources(recipe, run_dir, checkpoint, allow_pickle)
+    tokenizer, data = load_data(recipe, echo)
+    # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
+    # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
+    planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
+    echo(describe_data(data, planned))
+    if checkpoint:
+        check_same_data(checkpoint, data.fingerprint)
+    open_run_dir(run_dir, recipe, overwrite, checkpoint, echo)
+
+    # --- train
+    stopper = StopOnSignal()
+    trainer, result, planned = train(engine, planned, plan, tokenizer, data, run_dir, checkpoint, stopper, callbacks,
+                                     echo)
+    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
+        raise Interrupted(
+            f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved in "
+            f"{run_dir / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}. Resume with:",
+            command=resume_command(recipe_path, backend, overrides, output, allow_pickle, gpu_memory),
+        )
+
+    # --- save
+    summary = run_summary(recipe_path, planned, engine.name, data, trainer, result, plan, checkpoint, started)
+    save_run(trainer, tokenizer, planned, data, run_dir, summary, echo)
+    return run_dir
+
+
+def check_sources(recipe: Recipe, run_dir: Path, checkpoint: Path | None, allow_pickle: bool) -> None:
+    """Refuse a checkpoint that cannot continue this recipe, and pickle weights not explicitly allowed."""
     if checkpoint:
         check_resumable(run_dir, checkpoint, recipe, allow_pickle)
     if Path(recipe.model.name).is_dir():
         refuse_pickle_weights(Path(recipe.model.name), "`model.name`", allow_pickle)
 
-    from fastft.data import prepare
-    from fastft.models import load_tokenizer, resolve_model
 
+def load_data(recipe: Recipe, echo):
+    """The tokenizer and the prepared (formatted, tokenised, masked) data."""
     with local_main_first():  # one process per machine builds a built-in model into the cache
         tokenizer = load_tokenizer(recipe.model)
-    data = prepare(recipe, tokenizer, echo=echo)
-    # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
-    # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
-    from fastft.plan import plan_for_run, train_with_fallback
+    return tokenizer, prepare(recipe, tokenizer, echo=echo)
 
-    planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
-    echo(describe_data(data, planned))
-    if checkpoint:
-        check_same_data(checkpoint, data.fingerprint)
-    if is_main_process():
-        if overwrite:
-            clear_run_dir(run_dir)  # only now that the new run's inputs are known to be good
-        if checkpoint:
-            drop_incomplete_checkpoints(run_dir, echo)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / "recipe.toml", to_toml(recipe))
-    wait_for_everyone()  # rank 0 has cleared and created the folder before anyone writes into it
 
-    # --- train (again with the next setup down if an automatic plan runs out of GPU memory early)
-    stopper = StopOnSignal()
+def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoint: Path | None,
+          stopper: StopOnSignal, callbacks, echo):
+    """Load the model, attach LoRA and train; return (trainer, train output, the recipe it succeeded with).
 
+    With an automatic plan, an out-of-memory error in the first steps retries with the next
+    setup down (`train_with_fallback`); running out of memory otherwise is explained.
+    """
     def attempt(recipe: Recipe, watch):
         model = engine.load_model(recipe, resolve_model(recipe.model.name))
         trainable, total = model.get_nb_trainable_parameters()
@@ -112,24 +130,21 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
         with stopper.installed():
             return trainer, trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    with explain_out_of_memory(planned, data, run_dir):
-        (trainer, result), recipe = train_with_fallback(planned, plan, attempt, echo=echo)
-    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise Interrupted(
-            f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved in "
-            f"{run_dir / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}. Resume with:",
-            command=resume_command(recipe_path, backend, overrides, output, allow_pickle, gpu_memory),
-        )
+    with explain_out_of_memory(recipe, data, run_dir):
+        (trainer, result), recipe = train_with_fallback(recipe, plan, attempt, echo=echo)
+    return trainer, result, recipe
 
-    # --- save
+
+def run_summary(recipe_path, recipe: Recipe, backend: str, data, trainer, result, plan, checkpoint, started) -> dict:
+    """What fastft.json records about the run."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     runtime = result.metrics.get("train_runtime", 0.0)
     # Non-padding tokens trained on in this session, summed over all processes by the Trainer
     # (a resumed run starts from the checkpoint's count; the Trainer keeps it for its own tokens/s).
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
-    summary = {
-        "recipe": str(Path(recipe_path).resolve()), "model": recipe.model.name, "backend": engine.name,
+    return {
+        "recipe": str(Path(recipe_path).resolve()), "model": recipe.model.name, "backend": backend,
         "seed": recipe.train.seed, "dataset_fingerprint": data.fingerprint, "data": data.stats,
         "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
@@ -137,24 +152,28 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
         # Throughput of the whole run, all processes counted: non-padding tokens (prompt included).
         "train_tokens": tokens, "train_tokens_per_second": round(tokens / runtime, 1) if runtime else None,
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "wall_time_s": round(time.time() - started, 2), "versions": library_versions(), "resumed_from": str(checkpoint or ""),
-        "plan": plan.summary() if plan else None,
+        "wall_time_s": round(time.time() - started, 2), "versions": library_versions(),
+        "resumed_from": str(checkpoint or ""), "plan": plan.summary() if plan else None,
     }
+
+
+def save_run(trainer, tokenizer, recipe: Recipe, data, run_dir: Path, summary: dict, echo) -> None:
+    """Save the adapter and the summary (rank 0), then show the losses and a sample answer."""
     # Under FSDP each process holds a shard of every weight: gathering them is a collective.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-    if is_main_process():
-        save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
-        atomic_write(run_dir / "fastft.json", json.dumps(summary, indent=2))
-        echo(f"loss: first {summary['first_loss']}, last {summary['final_loss']}"
-             + (f", eval {summary['final_eval_loss']:.4f}" if evals else ""))
-        echo(f"throughput: {summary['train_tokens_per_second']} tokens/s over {world_size()} process(es), "
-             f"{tokens:,} tokens in {runtime:.1f} s")
-        echo(f"adapter saved in {run_dir / 'adapter'} ({summary['wall_time_s']:.0f} s)")
-        # A sharded model can only generate with every process taking part; skip the sample there.
-        sample = None if trainer.is_fsdp_enabled else sample_answer(trainer.model, tokenizer, recipe, data)
-        if sample:
-            echo(f"sample: {sample[0]!r}\n  -> {sample[1]!r}")
-    return run_dir
+    if not is_main_process():
+        return
+    save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
+    atomic_write(run_dir / "fastft.json", json.dumps(summary, indent=2))
+    echo(f"loss: first {summary['first_loss']}, last {summary['final_loss']}"
+         + (f", eval {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else ""))
+    echo(f"throughput: {summary['train_tokens_per_second']} tokens/s over {summary['processes']} process(es), "
+         f"{summary['train_tokens']:,} tokens in {summary['train_runtime_s']:.1f} s")
+    echo(f"adapter saved in {run_dir / 'adapter'} ({summary['wall_time_s']:.0f} s)")
+    # A sharded model can only generate with every process taking part; skip the sample there.
+    sample = None if trainer.is_fsdp_enabled else sample_answer(trainer.model, tokenizer, recipe, data)
+    if sample:
+        echo(f"sample: {sample[0]!r}\n  -> {sample[1]!r}")
 
 
 def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
@@ -183,233 +202,6 @@ def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple =
     os.execv(sys.executable, torchrun_command(nproc, args))
 
 
-# --------------------------------------------------------------------------- run folder
-
-
-def run_folder(recipe: Recipe, output: str | None) -> Path:
-    return Path(output or recipe.train.output_dir or Path("outputs") / recipe.name)
-
-
-def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, processes: int | None = None) -> Path | None:
-    """Decide what happens to an existing run folder; return the checkpoint to resume from.
-
-    Never writes into a folder holding an earlier run unless told to (`resume`/`overwrite`).
-    This only decides and changes nothing: with `overwrite`, `clear_run_dir` deletes the old
-    run later, once the new run's recipe and data are known to be good. Every process may call
-    it and all reach the same decision. A checkpoint resumes only with the number of processes
-    that wrote it (`processes`, default this run's).
-    """
-    if resume and overwrite:
-        raise FastftError("--resume and --overwrite contradict each other: choose one.")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FastftError(f"{run_dir} is a file, not a run folder. Choose another --output (or train.output_dir).")
-    # A run that failed before saving anything leaves only its recipe and empty folders: not worth keeping.
-    # Hidden entries are leftovers of interrupted atomic saves.
-    occupied = run_dir.exists() and (
-        any(p.name not in ("recipe.toml", "checkpoints", "logs") and not p.name.startswith(".")
-            for p in run_dir.iterdir())
-        or any((run_dir / "checkpoints").glob("checkpoint-*"))
-    )
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            finished = " The run there finished (it has fastft.json); its adapter is in adapter/." \
-                if (run_dir / "fastft.json").exists() else ""
-            raise FastftError(f"{run_dir}: no complete checkpoint to resume from.{finished} Run without --resume to "
-                              "start (add --overwrite to replace what is there, or --output DIR to write elsewhere).")
-        written_by, processes = checkpoint_processes(checkpoint), processes or world_size()
-        if written_by is not None and written_by != processes:
-            # The data order, the global batch and the saved random states all depend on the process count.
-            raise FastftError(
-                f"{checkpoint} was written by {written_by} process(es) and this run has {processes}. Resume with "
-                f"the same count: `--nproc {written_by}` (or `torchrun --nproc-per-node ...` totalling {written_by}), "
-                "or start afresh with --overwrite."
-            )
-        return checkpoint
-    if occupied and not overwrite:
-        raise FastftError(
-            f"{run_dir} already holds an earlier run. Add --resume to continue it from its last checkpoint, "
-            "--overwrite to replace it, or --output DIR to write elsewhere."
-        )
-    run_files = ("recipe.toml", "fastft.json", "adapter", "checkpoints")
-    if occupied and not any((run_dir / name).exists() for name in run_files):
-        # --overwrite deletes the folder: refuse when it does not look like a run folder (e.g. --output ~).
-        raise FastftError(f"{run_dir} holds files that are not a fastft run, so --overwrite will not delete it. "
-                          "Choose another --output (or train.output_dir).")
-    return None
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Delete an earlier run (after `claim_run_dir` allowed it with `overwrite`)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was completely written (half-written ones are ignored)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return None
-    done = [p for p in _checkpoints(folder) if (p / COMPLETE_MARK).exists()]
-    return max(done, key=_step, default=None)
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-
-
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
-
-
-def drop_incomplete_checkpoints(run_dir: Path, echo=print) -> None:
-    """Delete checkpoints without the completion mark, so a resumed run cannot mix in their files."""
-    for p in _checkpoints(run_dir / "checkpoints"):
-        if not (p / COMPLETE_MARK).exists():
-            echo(f"removing {p}: it was never completely written")
-            shutil.rmtree(p)
-
-
-# Files that `torch.save` writes into every Trainer checkpoint (optimizer, scheduler, RNG, scaler,
-# arguments). They are pickle, but the Trainer loads them with `torch.load(weights_only=True)`,
-# whose unpickler accepts only tensors and plain containers, never code.
-TRAINER_STATE_PICKLES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "rng_state_*.pth",
-                         "training_args.bin")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def refuse_pickle_weights(folder: Path, what: str, allow_pickle: bool, checkpoint: bool = False) -> None:
-    """Raise `FastftError` if `folder` would have model weights loaded from pickle and `allow_pickle` is off.
-
-    fastft writes weights as safetensors only, so pickle weights come from elsewhere; loading
-    them can run code hidden in the file. A model folder that also has safetensors is fine
-    (transformers loads those); in a checkpoint the Trainer would load any pickle weights.
-    """
-    if not checkpoint and any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(
-        p.name for p in folder.iterdir()
-        if p.suffix in PICKLE_SUFFIXES and not any(p.match(pattern) for pattern in TRAINER_STATE_PICKLES)
-    )
-    if pickles and not allow_pickle:
-        raise FastftError(
-            f"{what} {folder} holds model weights as pickle ({', '.join(pickles)}), which fastft never writes "
-            "and which can run code when loaded. Convert them to safetensors, or add --allow-pickle if you trust where they "
-            "came from."
-        )
-
-
-def check_resumable(run_dir: Path, checkpoint: Path, recipe: Recipe, allow_pickle: bool) -> None:
-    """Raise `FastftError` unless `checkpoint` can continue this recipe's run exactly.
-
-    The checkpoint must hold safetensors weights (see `refuse_pickle_weights`), and the
-    recipe must match the one the run started with, except for keys that do not change
-    the training (logging, saving, reporting).
-    """
-    refuse_pickle_weights(checkpoint, "Checkpoint", allow_pickle, checkpoint=True)
-    if not any((checkpoint / name).exists() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise FastftError(f"Checkpoint {checkpoint} holds no adapter weights, so it cannot be resumed. "
-                          "Delete it to resume from an earlier one, or start again with --overwrite.")
-    stored = run_dir / "recipe.toml"
-    if not stored.exists():
-        return
-    from fastft.recipe import tomllib
-
-    before, now = tomllib.loads(stored.read_text(encoding="utf-8")), recipe.to_dict()
-    changed = [
-        f"`{section}.{key}` (was {json.dumps(value)}, now {json.dumps(now[section][key])})"
-        for section, values in before.items() if section in now
-        for key, value in values.items()
-        if key in now[section] and now[section][key] != value and f"{section}.{key}" not in RESUME_MAY_CHANGE
-    ]
-    if changed:
-        raise FastftError(
-            f"{recipe.source} differs from the recipe the run in {run_dir} started with: {', '.join(changed)}. "
-            "A resumed run must train the same way. Undo the change, or start again with --overwrite "
-            "(or --output DIR)."
-        )
-
-
-# Recipe keys that may change between an interrupted run and its resumption: they change what is
-# logged, saved or shown, or how memory is traded for compute, not the numbers trained.
-RESUME_MAY_CHANGE = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-                     "train.eval_steps", "train.report_to", "train.sample_prompt", "train.gradient_checkpointing",
-                     "model.attention"}
-
-
-def check_same_data(checkpoint: Path, fingerprint: str) -> None:
-    """Raise `FastftError` if the data changed since `checkpoint` was written (its mark records the fingerprint)."""
-    try:
-        saved = json.loads((checkpoint / COMPLETE_MARK).read_text()).get("dataset_fingerprint")
-    except (ValueError, AttributeError):
-        return  # a mark without a fingerprint: nothing to compare
-    if saved and saved != fingerprint:
-        raise FastftError(
-            f"The training data changed since {checkpoint} was written (fingerprint {saved}, now {fingerprint}), "
-            "so resuming would not continue the same run. Restore the data, or start again with --overwrite."
-        )
-
-
-def checkpoint_processes(checkpoint: Path) -> int | None:
-    """How many processes wrote a complete checkpoint (None if its mark predates the record)."""
-    try:
-        mark = json.loads((checkpoint / COMPLETE_MARK).read_text())
-    except (OSError, ValueError):
-        return None
-    return mark.get("processes") if isinstance(mark, dict) else None
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_dir(final: Path):
-    """A temporary sibling folder to fill; `commit()` swaps it into place in one rename."""
-
-    class _Swap:
-        def __init__(self):
-            for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a save that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-            self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            self.tmp.mkdir(parents=True)
-
-        def commit(self):
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            if final.exists():
-                final.rename(old)
-            self.tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-
-        def abort(self):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    return _Swap()
-
-
-def save_adapter(model, tokenizer, recipe: Recipe, folder: Path, state_dict: dict | None = None) -> None:
-    """Save the PEFT adapter and tokenizer into `folder` atomically, pointing at the recipe's model id.
-
-    `state_dict`: the model's full state dict when the model itself holds only shards (FSDP).
-    """
-    swap = atomic_dir(folder)
-    try:
-        # Name the recipe's model id, not a cache path, in adapter_config.json and PEFT's model card.
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = recipe.model.name
-        model.get_base_model().config._name_or_path = recipe.model.name
-        # fastft never resizes the vocabulary, so the base embeddings need not be saved, and PEFT need not
-        # look the base model up (on the Hub, for an id) to find out.
-        model.save_pretrained(swap.tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
-        tokenizer.save_pretrained(swap.tmp)
-        swap.commit()
-    except BaseException:
-        swap.abort()
-        raise
-
-
 # --------------------------------------------------------------------------- trainer pieces
 
 
@@ -418,7 +210,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
     import torch
 
     from fastft.backends.hf import compute_dtype
-    from fastft.data import sampling_strategy
+    from fastft.batching import sampling_strategy
 
     t = recipe.train
     dtype = compute_dtype(recipe)
@@ -470,35 +262,7 @@ def fsdp_arguments(recipe: Recipe) -> dict:
     })
 
 
-class _Callback:
-    """A Trainer callback without importing transformers here: the Trainer calls every on_* event."""
-
-    def __getattr__(self, name):
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
-
-
-class MarkComplete(_Callback):
-    """Trainer callback: mark a checkpoint complete once the Trainer has finished writing it.
-
-    The mark records the dataset fingerprint, so a resume can tell that the data changed.
-    """
-
-    def __init__(self, fingerprint: str = ""):
-        self.fingerprint = fingerprint
-
-    def on_save(self, args, state, control, **kwargs):
-        wait_for_everyone()  # every process has written its part (its random state) before the mark
-        if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if path.is_dir():
-                mark = {"step": state.global_step, "dataset_fingerprint": self.fingerprint,
-                        "processes": args.world_size}  # resume needs the same data and process count
-                (path / COMPLETE_MARK).write_text(json.dumps(mark))
-
-
-class StopOnSignal(_Callback):
+class StopOnSignal(Callback):
     """Ctrl-C/SIGTERM: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
 
     def __init__(self):
@@ -535,6 +299,9 @@ class StopOnSignal(_Callback):
                     signal.signal(s, h)
 
         return handlers()
+
+
+# --------------------------------------------------------------------------- out of memory
 
 
 def explain_out_of_memory(recipe: Recipe, data, run_dir: Path):
@@ -574,102 +341,71 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or should_reduce_batch_size(e)
 
 
-# --------------------------------------------------------------------------- reporting
+def _step_watch():
+    """A Trainer callback counting the optimizer steps this attempt has run."""
+    from transformers import TrainerCallback
+
+    class StepWatch(TrainerCallback):
+        start = steps = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = state.global_step  # non-zero when resuming
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps = state.global_step - self.start
+
+    return StepWatch()
 
 
-def describe_data(data, recipe: Recipe) -> str:
-    s = data.stats
-    steps = optimizer_steps_per_epoch(len(data.train), recipe)
-    text = (f"data: {s['train_examples']} train / {s['eval_examples']} eval examples, {s['train_tokens']:,} tokens "
-            f"({s['loss_tokens']:,} carry loss); length min/mean/p95/max {s['length_min']}/{s['length_mean']}/"
-            f"{s['length_p95']}/{s['length_max']}; {steps} optimizer steps per epoch")
-    if s["truncated_examples"]:
-        text += (f"\nwarning: {s['truncated_examples']} examples longer than data.max_length = {recipe.data.max_length} "
-                 f"were truncated ({s['truncated_tokens']:,} tokens dropped)")
-    if s["no_loss_examples"]:
-        text += f"\nwarning: {s['no_loss_examples']} examples had no loss-carrying token left and were dropped"
-    return text
+def train_with_fallback(recipe, plan: Plan | None, attempt, echo=print):
+    """Return (`attempt(recipe, watch)`, the recipe it succeeded with).
+
+    `attempt` loads the model, builds the trainer with `watch` among its callbacks and trains.
+    With an automatic plan on a GPU budget, an out-of-memory error within the first
+    FALLBACK_STEPS steps frees the memory and retries with the next candidate down, saying so.
+    Raises `FastftError` when no smaller candidate is left or the error came later; other errors
+    propagate unchanged.
+    """
+    current = plan.chosen if plan is not None else None
+    while True:
+        watch = _step_watch()
+        try:
+            return attempt(recipe, watch), recipe
+        except RuntimeError as e:
+            if not is_out_of_memory(e) or plan is None or not plan.candidates:
+                raise
+            failed = f"out of memory at step {watch.steps} with {current.setup.describe()}"
+            following = plan.next_down(current)
+            late = watch.steps >= FALLBACK_STEPS
+        # Outside the except block: the traceback, which holds the model and trainer, is gone.
+        gc.collect()
+        _empty_cuda_cache()
+        if following is None:
+            raise FastftError(
+                f"{failed} (predicted {current.reserved_gib:.1f} GiB), and no smaller setup is left among those the "
+                "recipe allows. Lower data.max_length, free GPU memory, or set more of train.batch_size, "
+                "train.gradient_checkpointing and model.quantization to \"auto\"; `fastft plan` shows the predictions.")
+        if late:
+            s = following.setup
+            raise FastftError(
+                f"{failed} (predicted {current.reserved_gib:.1f} GiB). fastft falls back automatically only in the "
+                f"first {FALLBACK_STEPS} steps, since a later fallback would start over. Resume with the next setup "
+                f"down fixed: --resume --set train.batch_size={s.micro_batch} --set train.grad_accum={s.grad_accum} "
+                "--set train.global_batch_size=0 --set "
+                f"train.gradient_checkpointing={toml_value(recipe_setting(s.checkpointing))} --set "
+                f"model.quantization={s.quantization}.")
+        plan.fallbacks.append({"failed": failed, "next": following.setup.describe()})
+        echo(f"plan: {failed} (predicted {current.reserved_gib:.1f} GiB); falling back to "
+             f"{following.setup.describe()} (predicted {following.reserved_gib:.1f} GiB)")
+        current = plan.chosen = following
+        recipe = apply_setup(recipe, following.setup)
 
 
-def describe_padding(data, recipe: Recipe, tokenizer) -> str:
-    """One line: the share of computed tokens that is padding at the recipe's batch size, per batching."""
-    from fastft.data import padding_waste, sampling_strategy
-
-    t = recipe.train
-    if not isinstance(t.batch_size, int):
-        return "padding: not computed, `train.batch_size = \"auto\"` is chosen at run time"
-    chosen = "packed" if recipe.data.packing else sampling_strategy(recipe.data)
-    shares = []
-    for name, label, packing in (("random", "of computed tokens in random order", False),
-                                 ("group_by_length", "grouped by length", False), ("packed", "packed", True)):
-        sampling = "random" if packing else name
-        waste = padding_waste(data.train, tokenizer, t.batch_size, packing, sampling, t.grad_accum, t.seed)
-        shares.append(f"{100 * waste['padding_fraction']:.1f}% {label}" + (" (this recipe)" if name == chosen else ""))
-    return f"padding at batch size {t.batch_size}: " + ", ".join(shares)
-
-
-def optimizer_steps_per_epoch(n_examples: int, recipe: Recipe) -> int:
-    if recipe.train.batch_size == "auto":  # however the planner splits it, global_batch_size examples per step
-        return max(1, n_examples // recipe.train.global_batch_size)
-    batch = recipe.train.batch_size
-    micro_batches = -(-n_examples // (batch * world_size()))
-    return max(1, micro_batches // recipe.train.grad_accum)
-
-
-def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 48):
-    """Answer one prompt with the trained adapter, formatted and stopped exactly as `fastft generate` does."""
+def _empty_cuda_cache() -> None:
     import torch
 
-    from fastft.export import build_prompt, stop_token_ids
-
-    prompt = recipe.train.sample_prompt
-    if prompt:
-        text, ids = build_prompt(prompt, recipe, tokenizer)
-    else:  # the first training example's own prompt, as the pipeline rendered it
-        first = data.previews[0] if data.previews else []
-        text = "".join(t for t, loss in first if not loss)
-        if not text or recipe.data.format == "text":
-            return None
-        ids = tokenizer(text, add_special_tokens=recipe.data.format != "chat")["input_ids"]
-    ids = torch.tensor([ids], device=model.device)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop_token_ids(recipe, tokenizer),
-                             pad_token_id=tokenizer.pad_token_id)
-    return prompt or text, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool = False,
-                   gpu_memory: float | None = None) -> str:
-    """The shell command that resumes this run (quoted for a POSIX shell, run from the same folder)."""
-    import shlex
-
-    parts = ["fastft", "run", str(recipe_path), "--backend", backend]
-    if world_size() > 1:
-        parts += ["--nproc", str(world_size())]
-    for o in overrides:
-        parts += ["--set", o]
-    if output:
-        parts += ["--output", str(output)]
-    if gpu_memory:
-        parts += ["--gpu-memory", f"{gpu_memory:g}"]
-    if allow_pickle:
-        parts.append("--allow-pickle")
-    return shlex.join(parts + ["--resume"])
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("fastft", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets",
-                 "unsloth", "liger-kernel"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _quiet(*args, **kwargs) -> None:

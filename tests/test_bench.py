@@ -69,8 +69,8 @@ def test_counts_come_from_the_batches_trained(bench_run):
 
 
 def test_token_counting_excludes_padding(tokenizer):
-    from fastft.bench import count_batch
-    from fastft.data import make_collator
+    from fastft.bench_count import count_batch
+    from fastft.batching import make_collator
 
     lengths = [5, 3, 8]
     examples = []
@@ -87,7 +87,7 @@ def test_token_counting_excludes_padding(tokenizer):
 def test_mfu_arithmetic():
     from transformers import AutoConfig
 
-    from fastft.bench import model_flops, model_shape, peak_tflops
+    from fastft.bench_count import model_flops, model_shape, peak_tflops
     from fastft.models import ARCHITECTURES
 
     shape = dict(ARCHITECTURES["llama-3.2-1b"])
@@ -125,7 +125,7 @@ def test_json_markdown_and_png_are_written(bench_run):
 
 
 def test_without_matplotlib_the_chart_is_skipped_with_a_note(bench_run, tmp_path, monkeypatch):
-    from fastft.bench import write_outputs
+    from fastft.bench_report import write_outputs
 
     report, _, _ = bench_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_recipe
+from fastft import merge as mg
 from fastft import export as ex
+from fastft import generate as gen
 from fastft.errors import FastftError
 from fastft.models import CHAT_TEMPLATE, load_tokenizer, resolve_model
 from fastft.recipe import recipe_from_dict
@@ -40,7 +42,7 @@ def exported(run_dir):
 @pytest.fixture(scope="module")
 def merged(exported):
     # Tiny shards so that the sharded layout (index + several files) is what gets reloaded.
-    return ex.merge(exported, exported.parent / "merged", dtype="fp32", max_shard_size="200KB", echo=lambda *a: None)
+    return mg.merge(exported, exported.parent / "merged", dtype="fp32", max_shard_size="200KB", echo=lambda *a: None)
 
 
 def _logits(model, ids):
@@ -121,7 +123,7 @@ def test_generate_formats_exactly_as_training_and_stops_at_eos(run_dir, merged):
 
     answers = {}
     for folder in (run_dir, run_dir / "adapter", merged):  # as trained (4-bit base + adapter), and merged
-        (a,) = ex.generate(folder, [QUESTION], max_new_tokens=40)
+        (a,) = gen.generate(folder, [QUESTION], max_new_tokens=40)
         assert a.text == prompt_text  # byte for byte what the data pipeline put before the answer
         assert a.prompt_ids == train_ids[: len(a.prompt_ids)] and len(a.prompt_ids) < len(train_ids)
         assert a.stopped and a.answer_ids[-1] == eos and eos not in a.answer_ids[:-1]
@@ -133,7 +135,7 @@ def test_generate_formats_exactly_as_training_and_stops_at_eos(run_dir, merged):
 def test_prompt_matches_data_pipeline_for_each_format(fmt):
     from tokenizers import processors
 
-    from fastft.data import Record, render, tokenize
+    from fastft.data import Record, build_prompt, render, stop_token_ids, tokenize
     from fastft.models import build_tokenizer
 
     # A tokenizer that writes a BOS as its special token, so adding special tokens where training
@@ -152,11 +154,11 @@ def test_prompt_matches_data_pipeline_for_each_format(fmt):
     recipe = recipe_from_dict({"data": data})
     segments = render(Record("x.jsonl", 1, record), recipe.data, tokenizer)
     expected = "".join(text for text, loss in segments[: next(i for i, (_, loss) in enumerate(segments) if loss)])
-    text, ids = ex.build_prompt("Où ?", recipe, tokenizer)
+    text, ids = build_prompt("Où ?", recipe, tokenizer)
     assert text == expected
     assert ids == tokenize([segments], tokenizer, "completion", chat=fmt == "chat")[0][0][: len(ids)]
     assert ids[0] == bos and ids[1] != bos  # one BOS: the tokenizer's, or the chat template's own
-    assert ex.stop_token_ids(recipe, tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert stop_token_ids(recipe, tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_cli_merge_generate_and_refusal(run_dir, tmp_path):
@@ -178,10 +180,10 @@ def test_interrupted_merge_leaves_no_output(run_dir, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):  # Ctrl-C after the weights and tokenizer are written, before the end
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ex, "prompt_template", interrupted)
+    monkeypatch.setattr(mg, "prompt_template", interrupted)
     out = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
-        ex.merge(run_dir, out, check=False, echo=lambda *a: None)
+        mg.merge(run_dir, out, check=False, echo=lambda *a: None)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
 
 
@@ -190,28 +192,28 @@ def test_fidelity_check_fails_loudly_above_tolerance():
     reference = [torch.randn(5, 11), torch.randn(3, 11)]
     close = [r + 1e-6 for r in reference]
     far = [reference[0], reference[1] + torch.tensor([0.0] * 10 + [0.5])]
-    report = ex.compare(reference, close) | {"dtype": "fp32", "tolerance": ex.TOLERANCE["fp32"]}
-    ex.check_fidelity(report)
+    report = mg.compare(reference, close) | {"dtype": "fp32", "tolerance": mg.TOLERANCE["fp32"]}
+    mg.check_fidelity(report)
     assert report["positions"] == 8 and report["greedy_agreement"] == 1.0
-    report = ex.compare(reference, far) | {"dtype": "fp32", "tolerance": ex.TOLERANCE["fp32"]}
+    report = mg.compare(reference, far) | {"dtype": "fp32", "tolerance": mg.TOLERANCE["fp32"]}
     assert report["max_abs_logit_diff"] == pytest.approx(0.5)
     with pytest.raises(FastftError, match="fidelity check failed"):
-        ex.check_fidelity(report)
+        mg.check_fidelity(report)
 
 
 def test_bad_sources_and_outputs_are_clear_errors(run_dir, tmp_path, monkeypatch):
     with pytest.raises(FastftError, match="neither a run folder"):
         ex.locate(tmp_path)
     with pytest.raises(FastftError, match="overlaps the source"):
-        ex.merge(run_dir, run_dir / "merged", echo=lambda *a: None)
+        mg.merge(run_dir, run_dir / "merged", echo=lambda *a: None)
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in (run_dir / "adapter").iterdir():
         (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(FastftError, match="no recipe.toml"):
-        ex.generate(bare, ["?"])
+        gen.generate(bare, ["?"])
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(FastftError, match="LLAMA_CPP_DIR"):
-        ex.merge(run_dir, tmp_path / "gguf", gguf=True, echo=lambda *a: None)
+        mg.merge(run_dir, tmp_path / "gguf", gguf=True, echo=lambda *a: None)
     assert not (tmp_path / "gguf").exists()

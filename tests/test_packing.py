@@ -76,7 +76,7 @@ def model(request, tmp_path_factory):
 
 
 def collate(tokenizer, examples, packing):
-    from fastft.data import make_collator
+    from fastft.batching import make_collator
 
     return make_collator(tokenizer, packing)(examples)
 

@@ -8,8 +8,9 @@ import torch
 
 from conftest import ROOT, RECIPES, tiny_recipe
 from fastft.errors import FastftError
-from fastft.plan import (FALLBACK_STEPS, GIB, RESERVED_PER_ALLOCATED, UNSLOTH_LOSS_GIB, Job, Setup, Shape, estimate,
-                         make_plan, model_shape, plan_for_run, relative_speed, train_with_fallback)
+from fastft.memory import GIB, RESERVED_PER_ALLOCATED, UNSLOTH_LOSS_GIB, Job, Setup, Shape, estimate, model_shape, relative_speed
+from fastft.plan import FALLBACK_STEPS, make_plan, plan_for_run
+from fastft.train import train_with_fallback
 from fastft.recipe import ModelConfig, recipe_from_dict
 
 # Three blocks so that checkpointing on and offloaded differ.

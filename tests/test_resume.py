@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, qa_rows, tiny_recipe, write_jsonl
 
 from fastft.errors import FastftError
-from fastft.train import COMPLETE_MARK, StopOnSignal, latest_checkpoint, run, save_adapter
+from fastft.runs import COMPLETE_MARK, latest_checkpoint, save_adapter
+from fastft.train import StopOnSignal, run
 
 STEPS = 8
 # Dropout makes the result depend on the restored RNG state; checkpoints at steps 3, 6 and 8 (the end).

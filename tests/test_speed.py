@@ -160,7 +160,7 @@ def split_of(lengths):
 
 
 def test_padding_waste_hand_counted(tokenizer):
-    from fastft.data import padding_waste
+    from fastft.batching import padding_waste
 
     # Batches of 2 in order: (3, 5) -> 2 x 5 = 10, (2, 8) -> 16, (4) -> 4: 30 computed, 22 real.
     w = padding_waste(split_of([3, 5, 2, 8, 4]), tokenizer, 2, packing=False, sampling="sequential")
@@ -176,7 +176,7 @@ def test_padding_waste_hand_counted(tokenizer):
 
 def test_padding_waste_matches_the_trainers_batches(mixed, tokenizer):
     """Same sampler, its own seed: not the same batches, but close statistics on 192 examples."""
-    from fastft.data import padding_waste
+    from fastft.batching import padding_waste
 
     split = mixed[1].train
     _, shuffled = trainer_batches(mixed, tokenizer, group_by_length=False)

@@ -152,7 +152,7 @@ class HFBackend:
     def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args: dict, callbacks: list):
         from trl import SFTConfig
 
-        from fastft.data import make_collator
+        from fastft.batching import make_collator
 
         fast = fast_path(recipe, self.stock)
         config = SFTConfig(**args)

@@ -196,7 +196,7 @@ def data_collator(recipe, tokenizer):
     padding-free row (llama.py LlamaModel_fast_forward), so packed examples never attend to
     each other either way.
     """
-    from fastft.data import make_collator
+    from fastft.batching import make_collator
 
     return make_collator(tokenizer, recipe.data.packing)
 

@@ -1,0 +1,109 @@
+"""From prepared examples to batches: the collator, the sampling order, padding and steps per epoch.
+
+Every backend batches with `make_collator` and the order `sampling_strategy` names, so the
+batches a model sees depend on the recipe alone. `describe_data` and `describe_padding` are what
+`fastft validate` and `fastft run` print about the prepared data.
+"""
+
+from __future__ import annotations
+
+from fastft.data import Split
+from fastft.distributed import world_size
+from fastft.errors import FastftError
+from fastft.recipe import DataConfig, Recipe
+
+
+def make_collator(tokenizer, packing: bool):
+    """Batches of the prepared examples: padded to the longest, or padding-free packed.
+
+    With packing, a micro-batch becomes one row with position ids restarting at each
+    example; attention implementations then keep every example to itself. The first label
+    of each example is set to -100: the loss shifts labels by one, so it would otherwise
+    train the previous example's last token to predict it (padded rows never predict an
+    example's first token either).
+    """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
+
+
+def sampling_strategy(cfg: DataConfig) -> str:
+    """The trainer's `train_sampling_strategy` for the recipe: grouped by length where padding can be saved."""
+    return "group_by_length" if cfg.group_by_length and not cfg.packing else "random"
+
+
+def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampling: str = "random",
+                  grad_accum: int = 1, seed: int = 42) -> dict:
+    """How many of the tokens the model computes are padding, over one epoch of `split`.
+
+    Micro-batches of `batch_size` examples are built by the real collator (`make_collator`) in
+    the order of transformers' sampler for `sampling` (`random`, `sequential` or
+    `group_by_length`, which groups over `batch_size * grad_accum` as the Trainer does), with
+    a generator seeded by `seed`. The Trainer draws its permutation from its own random state,
+    so its batches are different ones with the same statistics. One process; the last batch
+    is kept. The collator is fed zeros of each example's length: the shapes it returns depend
+    on lengths only, and converting the real token lists would cost seconds per 5,000 examples.
+    Returns `real_tokens`, `computed_tokens` (input_ids elements, padding included),
+    `padding_tokens` and `padding_fraction` (padding / computed).
+    """
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    if not len(split):
+        raise FastftError("padding_waste: the split has no examples.")
+    lengths = [len(x) for x in split.input_ids]
+    generator = torch.Generator().manual_seed(seed)
+    if sampling == "sequential":
+        order = list(range(len(split)))
+    elif sampling == "random":
+        order = torch.randperm(len(split), generator=generator).tolist()
+    elif sampling == "group_by_length":
+        order = list(LengthGroupedSampler(batch_size * grad_accum, lengths=lengths, generator=generator))
+    else:
+        raise FastftError(f"padding_waste: unknown sampling `{sampling}`; use random, sequential or group_by_length.")
+    collate = make_collator(tokenizer, packing)
+    real = computed = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real += sum(batch)
+        computed += collate([{"input_ids": np.zeros(n, dtype=np.int64)} for n in batch])["input_ids"].numel()
+    return dict(real_tokens=real, computed_tokens=computed, padding_tokens=computed - real,
+                padding_fraction=(computed - real) / computed)
+
+
+def describe_data(data, recipe: Recipe) -> str:
+    s = data.stats
+    steps = optimizer_steps_per_epoch(len(data.train), recipe)
+    text = (f"data: {s['train_examples']} train / {s['eval_examples']} eval examples, {s['train_tokens']:,} tokens "
+            f"({s['loss_tokens']:,} carry loss); length min/mean/p95/max {s['length_min']}/{s['length_mean']}/"
+            f"{s['length_p95']}/{s['length_max']}; {steps} optimizer steps per epoch")
+    if s["truncated_examples"]:
+        text += (f"\nwarning: {s['truncated_examples']} examples longer than data.max_length = {recipe.data.max_length} "
+                 f"were truncated ({s['truncated_tokens']:,} tokens dropped)")
+    if s["no_loss_examples"]:
+        text += f"\nwarning: {s['no_loss_examples']} examples had no loss-carrying token left and were dropped"
+    return text
+
+
+def describe_padding(data, recipe: Recipe, tokenizer) -> str:
+    """One line: the share of computed tokens that is padding at the recipe's batch size, per batching."""
+    t = recipe.train
+    if not isinstance(t.batch_size, int):
+        return "padding: not computed, `train.batch_size = \"auto\"` is chosen at run time"
+    chosen = "packed" if recipe.data.packing else sampling_strategy(recipe.data)
+    shares = []
+    for name, label, packing in (("random", "of computed tokens in random order", False),
+                                 ("group_by_length", "grouped by length", False), ("packed", "packed", True)):
+        sampling = "random" if packing else name
+        waste = padding_waste(data.train, tokenizer, t.batch_size, packing, sampling, t.grad_accum, t.seed)
+        shares.append(f"{100 * waste['padding_fraction']:.1f}% {label}" + (" (this recipe)" if name == chosen else ""))
+    return f"padding at batch size {t.batch_size}: " + ", ".join(shares)
+
+
+def optimizer_steps_per_epoch(n_examples: int, recipe: Recipe) -> int:
+    if recipe.train.batch_size == "auto":  # however the planner splits it, global_batch_size examples per step
+        return max(1, n_examples // recipe.train.global_batch_size)
+    batch = recipe.train.batch_size
+    micro_batches = -(-n_examples // (batch * world_size()))
+    return max(1, micro_batches // recipe.train.grad_accum)
