@@ -30,6 +30,16 @@ FALLBACK_STEPS = 10  # an out-of-memory error within this many steps falls back 
 
 
 CHECKPOINT_MODES = {"unsloth": ("off", "on", "offload"), "hf": ("off", "on"), "hf-stock": ("off", "on")}
+# Below this `data.max_length` (Unsloth's max_seq_length), Unsloth's offloaded checkpointing is plain
+# recomputation (unsloth/models/_utils.py apply_unsloth_gradient_checkpointing): no `offload` there.
+UNSLOTH_OFFLOAD_MIN_LENGTH = 512
+
+
+def checkpoint_modes(recipe, backend: str) -> tuple[str, ...]:
+    """The gradient-checkpointing modes `backend` really has for this recipe."""
+    if backend == "unsloth" and recipe.data.max_length < UNSLOTH_OFFLOAD_MIN_LENGTH:
+        return ("off", "on")
+    return CHECKPOINT_MODES.get(backend, ("off", "on"))
 
 
 @dataclass
@@ -81,11 +91,12 @@ def recipe_setting(setup_mode: str):
     return {"off": False, "on": True, "offload": "offload"}[setup_mode]
 
 
-def _recipe_mode(value, backend: str) -> str:
-    """The planner mode of a fixed `train.gradient_checkpointing` value (hf has no offloaded checkpointing)."""
+def _recipe_mode(recipe, backend: str) -> str:
+    """The planner mode of the recipe's fixed `train.gradient_checkpointing` (`offload` is `on` where the backend has none)."""
+    value = recipe.train.gradient_checkpointing
     if value is False:
         return "off"
-    return "offload" if value == "offload" and "offload" in CHECKPOINT_MODES.get(backend, ()) else "on"
+    return "offload" if value == "offload" and "offload" in checkpoint_modes(recipe, backend) else "on"
 
 
 def job_for(recipe, backend: str, seq_len: int) -> Job:
@@ -118,7 +129,7 @@ def make_plan(recipe, backend: str, usable_gib: float | None, budget_note: str, 
     """
     job = job_for(recipe, backend, seq_len)
     global_batch = per_process_batch(recipe)
-    modes = CHECKPOINT_MODES.get(backend, ("off", "on"))
+    modes = checkpoint_modes(recipe, backend)
     every = [Candidate(setup, estimate(job, setup), relative_speed(job, setup))
              for setup in (Setup(m, global_batch // m, mode, quant) for m in divisors(global_batch)
                            for mode in modes for quant in ("4bit", "16bit"))]
@@ -148,7 +159,7 @@ def _allowed(recipe, backend: str, free: tuple[str, ...] = ()):
     """A predicate: do the recipe's fixed settings (other than the keys in `free`) allow this setup?"""
     fixed = {k: v for k, v in _fixed(recipe).items() if k not in free}
     checkpointing = fixed.get("train.gradient_checkpointing")
-    mode = None if checkpointing is None else _recipe_mode(checkpointing, backend)
+    mode = None if checkpointing is None else _recipe_mode(recipe, backend)
     return lambda s: (fixed.get("train.batch_size", s.micro_batch) == s.micro_batch
                       and mode in (None, s.checkpointing)
                       and fixed.get("model.quantization", s.quantization) == s.quantization)
@@ -160,7 +171,7 @@ def _changes(recipe, backend: str, setup: Setup) -> list[str]:
     if t.batch_size != "auto" and t.batch_size != setup.micro_batch:
         out.append(f"train.batch_size {t.batch_size} -> {setup.micro_batch} with train.grad_accum "
                    f"{t.grad_accum} -> {setup.grad_accum}")
-    if t.gradient_checkpointing != "auto" and _recipe_mode(t.gradient_checkpointing, backend) != setup.checkpointing:
+    if t.gradient_checkpointing != "auto" and _recipe_mode(recipe, backend) != setup.checkpointing:
         out.append(f"train.gradient_checkpointing {toml_value(t.gradient_checkpointing)} -> "
                    f"{toml_value(recipe_setting(setup.checkpointing))}")
     if recipe.model.quantization not in ("auto", setup.quantization):
@@ -287,7 +298,7 @@ def plan_for_run(recipe, backend: str, data_stats: dict, echo=print, gpu_memory:
     if usable is None:
         micro = global_batch if t.batch_size == "auto" else t.batch_size
         setup = Setup(micro, global_batch // micro,
-                      "off" if t.gradient_checkpointing == "auto" else _recipe_mode(t.gradient_checkpointing, backend),
+                      "off" if t.gradient_checkpointing == "auto" else _recipe_mode(recipe, backend),
                       "16bit" if recipe.model.quantization == "auto" else recipe.model.quantization)
         plan = Plan(None, global_batch, None, note, f"longest example {seq_len} tokens", [],
                     Candidate(setup, {}, 1.0), [])

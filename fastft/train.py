@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+# TRL's trainers ping the Hugging Face Hub on every start (trl/trainer/base_trainer.py
+# _send_telemetry). huggingface_hub reads this variable once, when it is first imported, so it is
+# set here, before anything fastft runs can import it; a value the user set is kept.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 from fastft.batching import describe_data
 from fastft.data import prepare
 from fastft.distributed import (any_process, check_processes, is_main_process, local_main_first, torchrun_command,
@@ -240,6 +245,10 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         include_num_input_tokens_seen="non_padding",  # gathered over processes: the global throughput
         max_length=None,  # the shared pipeline has truncated
         dataset_kwargs={"skip_prepare_dataset": True}, dataloader_num_workers=0,
+        # Unsloth's trainer changes these two Trainer defaults (unsloth/models/rl.py); pinned so both
+        # backends log the same losses (a NaN/inf loss is logged, not replaced by the running mean)
+        # and free the CUDA cache alike.
+        logging_nan_inf_filter=False, torch_empty_cache_steps=250,
         use_cpu=not torch.cuda.is_available(),
         **fsdp_arguments(recipe),
     )

@@ -413,3 +413,19 @@ def test_plan_for_8b_runs_30_steps_on_a_simulated_16_gib_card(tmp_path):
         torch.cuda.set_per_process_memory_fraction(1.0)
     summary = json.loads((run_dir / "fastft.json").read_text())
     assert summary["steps"] == 30 and summary["plan"]["fallbacks"] == []
+
+
+def test_unsloth_offload_is_plain_recomputation_below_512_tokens():
+    """Unsloth turns its offloaded checkpointing into plain recomputation when max_seq_length < 512."""
+    from fastft.backends.unsloth import checkpointing
+
+    modes = lambda plan: {c.setup.checkpointing for c in plan.candidates}  # noqa: E731
+    assert modes(plan_for(auto_recipe(max_length=512), 70)) == {"off", "on", "offload"}
+    assert modes(plan_for(auto_recipe(max_length=511), 70)) == {"off", "on"}
+    # A recipe that fixes `offload` below 512 tokens is planned (and run) as `on`...
+    short = auto_recipe(max_length=256, gradient_checkpointing="offload")
+    assert modes(plan_for(short, 70)) == {"on"}
+    long = auto_recipe(max_length=1024, gradient_checkpointing="offload")
+    assert modes(plan_for(long, 70)) == {"offload"}
+    # ...and the backend hands Unsloth plain recomputation for `on`, its offloaded mode only for `offload`.
+    assert [checkpointing(v) for v in (False, True, "reentrant", "offload")] == [False, True, True, "unsloth"]

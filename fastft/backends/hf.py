@@ -146,8 +146,9 @@ class HFBackend:
         elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
             model.enable_input_require_grads()  # reentrant checkpointing only backpropagates into inputs needing grads
-        torch.manual_seed(recipe.train.seed)  # the same LoRA initialisation on every backend
-        return get_peft_model(model, lora_config(recipe))
+        model = get_peft_model(model, lora_config(recipe))
+        init_lora(model, recipe.train.seed)  # the same LoRA start on every backend
+        return model
 
     def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args: dict, callbacks: list):
         from trl import SFTConfig
@@ -164,6 +165,43 @@ class HFBackend:
         )
         keep_trainable_fp32(trainer.model)
         return trainer
+
+
+def init_lora(model, seed: int) -> None:
+    """Give every LoRA adapter of `model` its starting weights from `seed` and the module names alone.
+
+    PEFT draws lora_A from torch's global random state, so whatever draws random numbers between
+    seeding and attaching shifts every A matrix (Unsloth's `get_peft_model` seeds, then builds a
+    throwaway `nn.Linear` before PEFT runs). Both backends call this right after attaching: the
+    adapters are visited in sorted name order and redrawn from one CPU generator with PEFT's own
+    rule (`reset_lora_parameters`, `init_lora_weights=True`): A kaiming-uniform (a = sqrt(5)),
+    B zero, so the adapted model starts exactly as the base model. Scaling (alpha, rsLoRA) is
+    untouched. LoRA on embeddings (hf only) follows PEFT's rule for them: A zero, B normal.
+    """
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def drawn(weight, draw):
+        values = torch.empty(weight.shape, dtype=torch.float32)  # on the CPU: the same numbers on any device
+        draw(values)
+        return values.to(device=weight.device, dtype=weight.dtype)
+
+    layers = sorted(((name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)), key=lambda x: x[0])
+    with torch.no_grad():
+        for _, layer in layers:
+            for adapter in sorted(layer.lora_A):
+                a = layer.lora_A[adapter].weight
+                a.copy_(drawn(a, lambda t: torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)))
+                layer.lora_B[adapter].weight.zero_()
+                if getattr(layer.lora_B[adapter], "bias", None) is not None:
+                    layer.lora_B[adapter].bias.zero_()
+            for adapter in sorted(layer.lora_embedding_A):
+                layer.lora_embedding_A[adapter].zero_()
+                b = layer.lora_embedding_B[adapter]
+                b.copy_(drawn(b, lambda t: torch.nn.init.normal_(t, generator=generator)))
 
 
 def keep_trainable_fp32(model) -> None:

@@ -37,7 +37,8 @@ OPTIONS = {
     "model.revision": "from_pretrained(revision=...)",
     "model.quantization": "from_pretrained(load_in_4bit=True): NF4 with double quantisation, as `hf`; "
                           "`16bit`: load_in_16bit=True",
-    "model.dtype": "from_pretrained(dtype=...), and the shared bf16/fp16 training flags",
+    "model.dtype": "from_pretrained(dtype=...), and the shared bf16/fp16 training flags; `fp32` refused (Unsloth's "
+                   "trainer turns bf16 autocast on when bf16 and fp16 are both off, and drops its fused LoRA kernels)",
     "model.attention": "`auto` only: Unsloth picks its own kernel and drops attn_implementation; others refused",
     "model.chat_template": "the shared tokenizer (fastft.models.load_tokenizer), as for `hf`",
     "model.trust_remote_code": "from_pretrained(trust_remote_code=...)",
@@ -60,9 +61,10 @@ OPTIONS = {
                      "train.warmup_steps", "train.weight_decay", "train.optimizer", "train.max_grad_norm",
                      "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
                      "train.report_to", "train.sample_prompt"], _ARGS),
-    "train.seed": "get_peft_model(random_state=...) for the LoRA init, and the shared training arguments",
+    "train.seed": "the shared LoRA init (hf.init_lora, after get_peft_model) and the shared training arguments",
     "train.embedding_learning_rate": "the shared parameter groups (hf.trainer_class) on UnslothTrainer",
-    "train.gradient_checkpointing": "get_peft_model(use_gradient_checkpointing=False or \"unsloth\")",
+    "train.gradient_checkpointing": "get_peft_model(use_gradient_checkpointing=...): true is plain recomputation "
+                                    "(True), `offload` Unsloth's offloaded one (\"unsloth\", plain below 512 tokens)",
     "train.fsdp": "refused: fastft runs Unsloth in one process (fastft.distributed.check_processes)",
     "model.liger_kernels": "`auto`/false: Unsloth's own Triton kernels do that work; true refused (Liger would "
                            "patch over Unsloth's)",
@@ -123,11 +125,13 @@ class UnslothBackend:
         from transformers import AutoConfig
         from unsloth import FastLanguageModel
 
+        from fastft.backends.hf import init_lora
         from fastft.models import cache_dir
 
         config = AutoConfig.from_pretrained(model_path, revision=recipe.model.revision or None,
                                             trust_remote_code=recipe.model.trust_remote_code)
-        model, _ = FastLanguageModel.from_pretrained(**load_arguments(recipe, model_path, config))
+        model, unsloth_tokenizer = FastLanguageModel.from_pretrained(**load_arguments(recipe, model_path, config))
+        self.zeroed_rows = zeroed_pad_rows(model, unsloth_tokenizer)  # refused in make_trainer if the data uses them
         # Unsloth loads its own tokenizer and may give it a pad token; fastft trains with its own
         # (`load_tokenizer`), so only the model side matters: it must keep its vocabulary.
         rows, vocab = model.get_input_embeddings().weight.shape[0], config.get_text_config().vocab_size
@@ -161,6 +165,7 @@ class UnslothBackend:
         for peft_config in model.peft_config.values():
             if (peft_config.auto_mapping or {}).get("unsloth_fixed"):
                 peft_config.auto_mapping = None
+        init_lora(model, recipe.train.seed)  # the same LoRA start as `hf`, whatever Unsloth drew before PEFT
         return model
 
     def make_trainer(self, recipe, model, tokenizer, train_dataset, eval_dataset, args: dict, callbacks: list):
@@ -172,11 +177,18 @@ class UnslothBackend:
         # decays the embeddings and counts any modules_to_save entry (a norm too) as an embedding;
         # `hf` does neither. The shared grouping keeps the optimizer identical on both backends.
         trainer_cls = trainer_class(recipe.train.embedding_learning_rate, base=UnslothTrainer)
+        refuse_zeroed_rows_in_data(recipe, getattr(self, "zeroed_rows", []), train_dataset, eval_dataset)
+        skip_untrained_token_fix(model)
+        # Unsloth's trainer sets padding_side = "right" on the tokenizer (unsloth/models/rl.py, the
+        # generated __init__). fastft's collator pads on the right whatever the tokenizer says, so
+        # only the saved tokenizer would change: keep the one `hf` saves.
+        padding_side = tokenizer.padding_side
         trainer = trainer_cls(
             model=model, args=UnslothTrainingArguments(**args), train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=data_collator(recipe, tokenizer),
             callbacks=callbacks,
         )
+        tokenizer.padding_side = padding_side
         keep_trainable_fp32(trainer.model)  # as on `hf`: TRL casts them to bf16 on a 4-bit base
         if recipe.data.packing:
             # A custom collator makes Unsloth skip its own padding-free setup (trainer.py
@@ -187,6 +199,63 @@ class UnslothBackend:
 
             enable_padding_free_metadata(trainer.model, trainer)
         return trainer
+
+
+IGNORED_NAMES = "UNSLOTH_IGNORED_TOKENIZER_NAMES"
+
+
+def skip_untrained_token_fix(model) -> None:
+    """Keep UnslothTrainer from rewriting the embedding rows it takes for untrained, as `hf` never does.
+
+    Its generated __init__ runs unsloth_zoo's fix_untrained_tokens (unsloth/models/rl_replacements.py
+    sft_trainer_fix_untrained_tokens): when the data uses a token whose embedding and LM-head rows
+    look untrained (Llama-3 base's `<|start_header_id|>`...), it raises ValueError if they are
+    frozen and resets them to the mean if they are trained. It skips a model whose
+    `config._name_or_path` is listed, case-insensitively, in UNSLOTH_IGNORED_TOKENIZER_NAMES (one
+    name a line), read when the trainer is built. `import unsloth` overwrites that variable
+    (unsloth/tokenizer_utils.py), so this adds the model's name to it afterwards, just before.
+    """
+    name = model.config._name_or_path
+    names = [n for n in os.environ.get(IGNORED_NAMES, "").split("\n") if n]
+    if name.lower() not in {n.lower() for n in names}:
+        os.environ[IGNORED_NAMES] = "\n".join([*names, name])
+
+
+def zeroed_pad_rows(model, unsloth_tokenizer) -> list[int]:
+    """The input-embedding rows Unsloth's loader has zeroed: its tokenizer's pad token, on untied models.
+
+    unsloth/tokenizer_utils.py zero_pad_embedding_rows zeroes row `pad_token_id` of every
+    `nn.Embedding` whose padding_idx it is, unless the pad is an EOS or an id the tokenizer adds
+    to every input, or the embedding is tied to the LM head. `hf` keeps the row.
+    """
+    import torch
+
+    pad = getattr(unsloth_tokenizer, "pad_token_id", None)
+    if not isinstance(pad, int):
+        return []
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    for module in model.modules():
+        if (type(module) is torch.nn.Embedding and module.padding_idx == pad and pad < module.weight.shape[0]
+                and (head is None or module.weight.data_ptr() != head.data_ptr())
+                and not module.weight[pad].any()):
+            return [pad]
+    return []
+
+
+def refuse_zeroed_rows_in_data(recipe, rows: list[int], *datasets) -> None:
+    """Raise `FastftError` if an example uses a token whose embedding row Unsloth zeroed (`zeroed_pad_rows`)."""
+    if not rows:
+        return
+    for dataset in datasets:
+        for number, ids in enumerate(dataset["input_ids"] if dataset is not None else []):
+            used = sorted(set(rows).intersection(ids))
+            if used:
+                raise FastftError(
+                    f"`model.name` = \"{recipe.model.name}\": Unsloth zeroes the input embedding of this model's pad "
+                    f"token (id {used[0]}) because the model does not tie it to the LM head, and example {number + 1} "
+                    "of the data uses that token, so `unsloth` would train on a different model from `hf`. "
+                    "Use `--backend hf`, or data without that token."
+                )
 
 
 def data_collator(recipe, tokenizer):
@@ -210,6 +279,12 @@ def load_arguments(recipe, model_path: str, config) -> dict:
                                 ("train.fused_loss", recipe.train.fused_loss, ("auto", True))):
         if value not in allowed:
             raise FastftError(f"`{key}` = {str(value).lower()}: {OPTIONS[key]}. Remove it, or use `--backend hf`.")
+    if recipe.model.dtype == "fp32":
+        raise FastftError(
+            f"`model.dtype` = \"fp32\": Unsloth's trainer would train in bf16 anyway (it turns bf16 autocast on when "
+            "bf16 and fp16 are both off) and without its fused LoRA kernels (16-bit weights only). Set it to \"auto\", "
+            "\"bf16\" or \"fp16\", or use `--backend hf` for fp32 training."
+        )
     if recipe.model.attention != "auto":
         raise FastftError(
             f"`model.attention` = \"{recipe.model.attention}\": Unsloth chooses its own attention kernel "
@@ -253,11 +328,14 @@ def peft_arguments(recipe, model) -> dict:
 def checkpointing(value):
     """Unsloth's `use_gradient_checkpointing` for `train.gradient_checkpointing`.
 
-    "unsloth" is recomputation plus asynchronous offload of each layer's saved input to CPU
-    memory (what `offload` asks for, and Unsloth's default); Unsloth itself falls back to plain
-    recomputation below 512 tokens (models/_utils.py apply_unsloth_gradient_checkpointing).
+    True is plain recomputation, as `on` is on `hf`. "unsloth" adds the asynchronous offload of
+    each layer's saved input to CPU memory (what `offload` asks for, and Unsloth's default); Unsloth
+    itself makes it plain recomputation when `data.max_length` is below 512 tokens
+    (models/_utils.py apply_unsloth_gradient_checkpointing), as the planner knows.
     """
-    return False if value is False else "unsloth"
+    if value is False:
+        return False
+    return "unsloth" if value == "offload" else True
 
 
 def all_linear_modules(model) -> list[str]:
