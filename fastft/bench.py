@@ -173,7 +173,9 @@ def run_row(row: str, spec: dict, tmp: Path, echo) -> dict:
                PYTHONUNBUFFERED="1")
     if spec["cpu_threads"]:
         env["OMP_NUM_THREADS"] = spec["cpu_threads"]
-    workdir = tmp / row  # Unsloth writes its compiled cache into the working directory
+    # Its own working directory, so a file a library drops there cannot reach another row (Unsloth's
+    # compiled cache goes to $FASTFT_CACHE: the backend sets UNSLOTH_COMPILE_LOCATION).
+    workdir = tmp / row
     workdir.mkdir(exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
     started = time.perf_counter()

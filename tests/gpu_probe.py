@@ -2,7 +2,12 @@
 
     python tests/gpu_probe.py train BACKEND RECIPE OUTPUT LOGITS [--set KEY=VALUE ...]
         `fastft run` exactly as the CLI runs it; the trained model's logits on a fixed batch
-        (the first 4 training examples, cut to a common length) are saved to LOGITS.
+        (the first 4 training examples, cut to a common length) are saved to LOGITS, and a digest
+        of the input ids and labels of every batch that reached the model's forward in training
+        (after all backend code ran) to LOGITS.batches.json.
+    python tests/gpu_probe.py init BACKEND RECIPE LORA [--set KEY=VALUE ...]
+        Load the model with LoRA attached as `fastft run` does, and save the LoRA weights at
+        step 0 to LORA.
     python tests/gpu_probe.py load STACK ADAPTER BATCH LOGITS RECIPE [--set KEY=VALUE ...]
         Load ADAPTER on the `hf` stack (transformers + stock PEFT) or the `unsloth` stack
         (Unsloth's own adapter loader) and save its logits on BATCH's ids to LOGITS; the `hf`
@@ -32,10 +37,36 @@ def logits_of(model, ids):
         return model(input_ids=ids.to(model.device), use_cache=False).logits.float().cpu()
 
 
+class RecordBatches:
+    """Trainer callback: a digest of the ids and labels of every training forward, as the model receives them."""
+
+    def __init__(self):
+        self.digests = []
+
+    def __getattr__(self, name):  # every other Trainer event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        import hashlib
+
+        def record(module, positional, named):
+            if module.training and "input_ids" in named:
+                digest = hashlib.sha256()
+                for key in ("input_ids", "labels"):
+                    if named.get(key) is not None:
+                        digest.update(key.encode() + named[key].detach().cpu().long().numpy().tobytes())
+                self.digests.append(digest.hexdigest())
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+
 def train(args) -> None:
     import fastft.train as run  # imports no transformers, so Unsloth can still come first
 
     answer = run.sample_answer
+    batches = RecordBatches()
 
     def capture(model, tokenizer, recipe, data, **kwargs):
         from safetensors.torch import save_file
@@ -45,7 +76,24 @@ def train(args) -> None:
         return answer(model, tokenizer, recipe, data, **kwargs)
 
     run.sample_answer = capture  # called by run() right after the adapter is saved
-    run.run(args.recipe, backend=args.backend, overrides=tuple(args.set), output=args.output)
+    run.run(args.recipe, backend=args.backend, overrides=tuple(args.set), output=args.output, callbacks=(batches,))
+    Path(args.logits + ".batches.json").write_text(json.dumps(batches.digests))
+
+
+def init(args) -> None:
+    """The LoRA weights at step 0, loaded through the backend as `fastft run` loads them."""
+    from fastft.backends import get_backend
+
+    engine = get_backend(args.backend)  # Unsloth, if chosen, is imported here, first
+    from safetensors.torch import save_file
+
+    from fastft.models import resolve_model
+    from fastft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, tuple(args.set))
+    model = engine.load_model(recipe, resolve_model(recipe.model.name))
+    save_file({n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n},
+              args.lora)
 
 
 def load(args) -> None:
@@ -115,5 +163,10 @@ if __name__ == "__main__":
     ld.add_argument("logits")
     ld.add_argument("recipe")
     ld.add_argument("--set", action="append", default=[])
+    i = steps.add_parser("init")
+    i.add_argument("backend")
+    i.add_argument("recipe")
+    i.add_argument("lora")
+    i.add_argument("--set", action="append", default=[])
     parsed = parser.parse_args()
-    train(parsed) if parsed.step == "train" else load(parsed)
+    {"train": train, "load": load, "init": init}[parsed.step](parsed)
