@@ -83,6 +83,9 @@ def make(**options):
 class UnslothBackend:
     name = "unsloth"
 
+    def __init__(self):
+        self.zeroed_rows: list[int] = []  # embedding rows Unsloth's loader zeroed (load_model)
+
     def check(self) -> None:
         """Import Unsloth, first in this process. Raises `FastftError` if it or a CUDA GPU is missing."""
         missing = []
@@ -131,7 +134,7 @@ class UnslothBackend:
         config = AutoConfig.from_pretrained(model_path, revision=recipe.model.revision or None,
                                             trust_remote_code=recipe.model.trust_remote_code)
         model, unsloth_tokenizer = FastLanguageModel.from_pretrained(**load_arguments(recipe, model_path, config))
-        self.zeroed_rows = zeroed_pad_rows(model, unsloth_tokenizer)  # refused in make_trainer if the data uses them
+        self.zeroed_rows = zeroed_pad_rows(model, unsloth_tokenizer)  # refused by make_trainer if the data uses them
         # Unsloth loads its own tokenizer and may give it a pad token; fastft trains with its own
         # (`load_tokenizer`), so only the model side matters: it must keep its vocabulary.
         rows, vocab = model.get_input_embeddings().weight.shape[0], config.get_text_config().vocab_size
@@ -177,7 +180,7 @@ class UnslothBackend:
         # decays the embeddings and counts any modules_to_save entry (a norm too) as an embedding;
         # `hf` does neither. The shared grouping keeps the optimizer identical on both backends.
         trainer_cls = trainer_class(recipe.train.embedding_learning_rate, base=UnslothTrainer)
-        refuse_zeroed_rows_in_data(recipe, getattr(self, "zeroed_rows", []), train_dataset, eval_dataset)
+        refuse_zeroed_rows_in_data(recipe, self.zeroed_rows, train_dataset, eval_dataset)
         skip_untrained_token_fix(model)
         # Unsloth's trainer sets padding_side = "right" on the tokenizer (unsloth/models/rl.py, the
         # generated __init__). fastft's collator pads on the right whatever the tokenizer says, so
