@@ -84,7 +84,7 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, processes: int |
 
 
 def open_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool, checkpoint: Path | None, echo=print) -> None:
-    """Make the run folder ready to write, once the new run's recipe and data are known to be good.
+    """Make the run folder ready to write, once the new run's recipe, data and model are known to be good.
 
     Rank 0 deletes the earlier run (`overwrite`) or the half-written checkpoints (resuming), creates
     the folder and writes the resolved recipe; every process waits until it has.

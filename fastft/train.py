@@ -13,6 +13,7 @@ flow on its own GPU; only rank 0 writes the run folder (see `fastft/distributed.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -79,12 +80,13 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     echo(describe_data(data, planned))
     if checkpoint:
         check_same_data(checkpoint, data.fingerprint)
-    open_run_dir(run_dir, recipe, overwrite, checkpoint, echo)
 
-    # --- train
+    # --- train (the run folder is opened, and an earlier run there deleted with --overwrite, only
+    # once the model has loaded and the trainer is built: a refusal there loses nothing)
     stopper = StopOnSignal()
-    trainer, result, planned = train(engine, planned, plan, tokenizer, data, run_dir, checkpoint, stopper, callbacks,
-                                     echo)
+    open_folder = functools.partial(open_run_dir, run_dir, recipe, overwrite, checkpoint, echo)
+    trainer, result, planned = train(engine, planned, plan, tokenizer, data, run_dir, checkpoint, open_folder,
+                                     stopper, callbacks, echo)
     if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(
             f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved in "
@@ -113,14 +115,18 @@ def load_data(recipe: Recipe, echo):
     return tokenizer, prepare(recipe, tokenizer, echo=echo)
 
 
-def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoint: Path | None,
+def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoint: Path | None, open_folder,
           stopper: StopOnSignal, callbacks, echo):
     """Load the model, attach LoRA and train; return (trainer, train output, the recipe it succeeded with).
 
+    `open_folder()` readies the run folder; it is called once, right before the first training step.
     With an automatic plan, an out-of-memory error in the first steps retries with the next
     setup down (`train_with_fallback`); running out of memory otherwise is explained.
     """
+    opened = False
+
     def attempt(recipe: Recipe, watch):
+        nonlocal opened
         model = engine.load_model(recipe, resolve_model(recipe.model.name))
         trainable, total = model.get_nb_trainable_parameters()
         echo(f"model: {recipe.model.name} ({recipe.model.quantization}), backend {engine.name}, "
@@ -130,6 +136,9 @@ def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoi
             training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0),
             callbacks=[MarkComplete(data.fingerprint), stopper, watch, *callbacks],
         )
+        if not opened:
+            open_folder()
+            opened = True
         if checkpoint:
             echo(f"resuming from {checkpoint}")
         with stopper.installed():

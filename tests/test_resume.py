@@ -218,6 +218,11 @@ def test_run_folders_are_protected(reference, tmp_path, monkeypatch):
     with pytest.raises(FastftError, match=r"line 3: the record has no field `answer`"):
         run(str(bad), output=str(earlier), overwrite=True, echo=quiet)
     assert sorted(str(p.relative_to(earlier)) for p in earlier.rglob("*")) == state
+    # ... and so does a setting the backend refuses only when it loads the model (no GPU for Liger here)
+    with pytest.raises(FastftError, match=r"model\.liger_kernels = true"):
+        run(str(recipe), overrides=OVERRIDES + ("model.liger_kernels=true",), output=str(earlier), overwrite=True,
+            echo=quiet)
+    assert sorted(str(p.relative_to(earlier)) for p in earlier.rglob("*")) == state
 
     home = tmp_path / "home"
     write_jsonl(home / "notes.jsonl", [{"mine": 1}])
