@@ -397,6 +397,7 @@ def test_prediction_within_15_percent_of_measured_reserved_memory(tmp_path, monk
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_8b
 @pytest.mark.slow
 @needs_gpu
 def test_plan_for_8b_runs_30_steps_on_a_simulated_16_gib_card(tmp_path):
