@@ -8,7 +8,7 @@
 # Options:
 #   --out DIR      where results go (default benchmarks/results/<gpu>-<date>/, -2, -3... if taken);
 #                  an explicit DIR must be empty or absent: earlier results are never overwritten
-#   --with-8b      also the 8B GPU tests and the planner on the 8B shape (about 6 more minutes)
+#   --with-8b      also the 8B GPU tests and the planner on the 8B shape (up to 7 more minutes)
 #   --skip-tests   skip the pytest steps (the CPU test of this script does)
 #
 # Steps, in order; each runs under `timeout` with the budget below (seconds), a failed or timed-out
@@ -16,16 +16,16 @@
 # to 450 s (7.5 min) without --with-8b; they are estimates until the first GPU run, and any can be
 # changed with an environment variable, e.g. BUDGET_bench_synthetic=150.
 #   step                  GPU    what
-#   env                    15    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
-#   tests-cpu              75    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
-#   tests-gpu             110    python -m pytest -q -m "gpu and not gpu_8b" (1B) -> tests-gpu.xml
+#   env                    10    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
+#   tests-cpu             100    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
+#   tests-gpu             105    python -m pytest -q -m "gpu and not gpu_8b" (1B) -> tests-gpu.xml
 #   tests-gpu-8b          240    --with-8b only: -m gpu_8b -> tests-gpu-8b.xml
 #   bench-synthetic        90    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
-#   bench-dataset-packed   50    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
-#   bench-dataset-padded   50    the same with data.packing=false (same examples, same order)
-#   planner                50    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
+#   bench-dataset-packed   45    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
+#   bench-dataset-padded   45    the same with data.packing=false (same examples, same order)
+#   planner                45    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
 #                                and a simulated 12 GiB card: predicted vs measured peak memory
-#   planner-8b            120    --with-8b only: the same on the 8B shape (whole card, simulated 16 GiB)
+#   planner-8b            180    --with-8b only: the same on the 8B shape on a simulated 16 GiB card
 #   summary                10    benchmarks/proof_summary.py -> SUMMARY.md
 # Without a GPU every step runs on fastft:tiny with a few steps (a few minutes on 2 cores) and
 # SUMMARY.md says it is a CPU harness run, not a performance result.
@@ -85,12 +85,12 @@ if [ $MODE = gpu ]; then
   SYN_STEPS="--warmup 10 --steps 20"
   DATA_STEPS="--warmup 5 --steps 15"
   PLAN_1B="--model random:llama-3.2-1b --budgets card,12 --steps 3"
-  PLAN_8B="--model random:llama-3.1-8b --budgets card,16 --steps 3"
+  PLAN_8B="--model random:llama-3.1-8b --budgets 16 --steps 3"
 else
   SYN_STEPS="--warmup 1 --steps 3"
   DATA_STEPS="--warmup 1 --steps 3 --batch-size 4 --seq-len 512"  # Alpaca's prompt alone is over 128 bytes
   PLAN_1B="--model fastft:tiny --budgets card,12 --steps 2"
-  PLAN_8B="--model fastft:tiny --budgets card,16 --steps 2"
+  PLAN_8B="--model fastft:tiny --budgets 16 --steps 2"
 fi
 export ROOT PY OUT MODE ALPACA SYN_STEPS DATA_STEPS PLAN_1B PLAN_8B
 
@@ -204,21 +204,21 @@ echo "fastft GPU proof on $DEVICE ($MODE mode) -> $OUT"
 [ -n "$ALPACA" ] && echo "Alpaca data: $ALPACA"
 echo "{\"mode\": \"$MODE\", \"device\": \"$DEVICE\", \"with_8b\": $WITH_8B, \"skip_tests\": $SKIP_TESTS, \"started\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}" > "$OUT/run.json"
 
-run_step env 15 60
+run_step env 10 60
 if [ $SKIP_TESTS = 1 ]; then
   skip_step tests-cpu "--skip-tests"
   skip_step tests-gpu "--skip-tests"
 else
-  run_step tests-cpu 75 900
-  run_step tests-gpu 110 120
+  run_step tests-cpu 100 900
+  run_step tests-gpu 105 120
 fi
 if [ $WITH_8B = 1 ] && [ $SKIP_TESTS = 0 ]; then run_step tests-gpu-8b 240 120
 else skip_step tests-gpu-8b "$([ $WITH_8B = 1 ] && echo --skip-tests || echo 'needs --with-8b')"; fi
 run_step bench-synthetic 90 180
-run_step bench-dataset-packed 50 180
-run_step bench-dataset-padded 50 180
-run_step planner 50 180
-if [ $WITH_8B = 1 ]; then run_step planner-8b 120 180; else skip_step planner-8b "needs --with-8b"; fi
+run_step bench-dataset-packed 45 180
+run_step bench-dataset-padded 45 180
+run_step planner 45 180
+if [ $WITH_8B = 1 ]; then run_step planner-8b 180 180; else skip_step planner-8b "needs --with-8b"; fi
 run_step summary 10 60
 [ -f "$OUT/SUMMARY.md" ] && echo "summary: $OUT/SUMMARY.md"
 echo "$FAILED step(s) failed"
