@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "(steps and budgets: the comments at the top of $0)"; }
 OUT="" WITH_8B=0 SKIP_TESTS=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -152,7 +152,7 @@ step_planner() { plan_checks 1b $PLAN_1B; }
 step_planner_8b() { plan_checks 8b $PLAN_8B; }
 
 step_summary() {
-  $PY benchmarks/proof_summary.py "$OUT" --mode $MODE && cat "$OUT/SUMMARY.md"
+  $PY benchmarks/proof_summary.py "$OUT" --mode $MODE
 }
 
 forced_failure() {
@@ -220,6 +220,6 @@ run_step bench-dataset-padded 45 180
 run_step planner 45 180
 if [ $WITH_8B = 1 ]; then run_step planner-8b 180 180; else skip_step planner-8b "needs --with-8b"; fi
 run_step summary 10 60
-[ -f "$OUT/SUMMARY.md" ] && echo "summary: $OUT/SUMMARY.md"
+if [ -f "$OUT/SUMMARY.md" ]; then echo; cat "$OUT/SUMMARY.md"; echo "summary: $OUT/SUMMARY.md"; fi
 echo "$FAILED step(s) failed"
 [ $FAILED = 0 ]

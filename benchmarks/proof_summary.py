@@ -74,8 +74,9 @@ def why_missing(report: dict | None, name: str, what: str) -> str:
     return f"no {name} row"
 
 
-def first_line(text: str | None, limit: int = 160) -> str:
-    return ((text or "").strip().splitlines() or [""])[0][:limit]
+def first_line(text: str | None, limit: int = 100) -> str:
+    line = ((text or "").strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _pct(x) -> str:
