@@ -72,10 +72,10 @@ fi
 mkdir -p "$OUT/logs" || exit 2
 OUT=$(cd "$OUT" && pwd)
 
-# The Alpaca set: $ALPACA_JSON if set, else carried in .gpu/ to the GPU machine (../shared does not
-# travel), else the shared copy.
+# The Alpaca set: $ALPACA_JSON if set (and then only it), else carried in .gpu/ to the GPU machine
+# (../shared does not travel), else the shared copy.
 ALPACA=""
-for candidate in ${ALPACA_JSON:-} .gpu/alpaca_5000.json ../shared/data/alpaca_5000.json; do
+for candidate in ${ALPACA_JSON:-.gpu/alpaca_5000.json ../shared/data/alpaca_5000.json}; do
   if [ -f "$candidate" ]; then ALPACA=$(cd "$(dirname "$candidate")" && pwd)/$(basename "$candidate"); break; fi
 done
 
