@@ -10,20 +10,23 @@
 #                  an explicit DIR must be empty or absent: earlier results are never overwritten
 #   --with-8b      also the 8B GPU tests and the planner on the 8B shape (up to 7 more minutes)
 #   --skip-tests   skip the pytest steps (the CPU test of this script does)
+#   --only STEPS   run only these steps (comma-separated names below), e.g. a rerun of the failed ones
 #
 # Steps, in order; each runs under `timeout` with the budget below (seconds), a failed or timed-out
-# step is recorded (exit status, its log in logs/) and the next one still runs. GPU budgets add up
-# to 450 s (7.5 min) without --with-8b; they are estimates until the first GPU run, and any can be
-# changed with an environment variable, e.g. BUDGET_bench_synthetic=150.
+# step is recorded (exit status, its log in logs/) and the next one still runs. At its budget a step
+# gets SIGINT (pytest then still writes the XML of the tests that ran; plan_check keeps the setups
+# it measured), then SIGKILL 15 s later. GPU budgets add up to 450 s (7.5 min) without --with-8b;
+# they are estimates until the first GPU run, and any can be changed with an environment variable,
+# e.g. BUDGET_tests_gpu=400.
 #   step                  GPU    what
 #   env                    10    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
-#   tests-cpu             100    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
-#   tests-gpu             105    python -m pytest -q -m "gpu and not gpu_8b" (1B) -> tests-gpu.xml
+#   tests-cpu              60    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
+#   tests-gpu             120    python -m pytest -q -m "gpu and not gpu_8b" (1B) -> tests-gpu.xml
 #   tests-gpu-8b          240    --with-8b only: -m gpu_8b -> tests-gpu-8b.xml
-#   bench-synthetic        90    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
-#   bench-dataset-packed   45    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
-#   bench-dataset-padded   45    the same with data.packing=false (same examples, same order)
-#   planner                45    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
+#   bench-synthetic       110    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
+#   bench-dataset-packed   50    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
+#   bench-dataset-padded   50    the same with data.packing=false (same examples, same order)
+#   planner                40    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
 #                                and a simulated 12 GiB card: predicted vs measured peak memory
 #   planner-8b            180    --with-8b only: the same on the 8B shape on a simulated 16 GiB card
 #   summary                10    benchmarks/proof_summary.py -> SUMMARY.md
@@ -39,16 +42,23 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "(steps and budgets: the comments at the top of $0)"; }
-OUT="" WITH_8B=0 SKIP_TESTS=0
+OUT="" WITH_8B=0 SKIP_TESTS=0 ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT=$2; shift 2 ;;
     --out=*) OUT=${1#--out=}; shift ;;
     --with-8b) WITH_8B=1; shift ;;
     --skip-tests) SKIP_TESTS=1; shift ;;
+    --only) [ $# -ge 2 ] || { echo "error: --only needs step names" >&2; exit 2; }; ONLY=$2; shift 2 ;;
+    --only=*) ONLY=${1#--only=}; shift ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "error: unknown option $1 (options: --out DIR, --with-8b, --skip-tests)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (options: --out DIR, --with-8b, --skip-tests, --only STEPS)" >&2; exit 2 ;;
   esac
+done
+
+ALL="env tests-cpu tests-gpu tests-gpu-8b bench-synthetic bench-dataset-packed bench-dataset-padded planner planner-8b summary"
+for name in ${ONLY//,/ }; do
+  [[ " $ALL " == *" $name "* ]] || { echo "error: --only $ONLY: unknown step $name (steps: $ALL)" >&2; exit 2; }
 done
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -178,7 +188,7 @@ run_step() {  # run_step NAME GPU_BUDGET CPU_BUDGET
   [[ ",${GPU_PROOF_FAIL:-}," == *",$name,"* ]] && fn=forced_failure
   printf '[%s] %-21s (budget %3s s) ' "$(date -u +%H:%M:%S)" "$name" "$budget"
   start=$(date +%s)
-  timeout --kill-after=10 "$budget" bash -c "$fn" > "$log" 2>&1
+  timeout --signal=INT --kill-after=15 "$budget" bash -c "$fn" > "$log" 2>&1
   rc=$?
   local took=$(( $(date +%s) - start ))
   case $rc in
@@ -204,22 +214,23 @@ echo "fastft GPU proof on $DEVICE ($MODE mode) -> $OUT"
 [ -n "$ALPACA" ] && echo "Alpaca data: $ALPACA"
 echo "{\"mode\": \"$MODE\", \"device\": \"$DEVICE\", \"with_8b\": $WITH_8B, \"skip_tests\": $SKIP_TESTS, \"started\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}" > "$OUT/run.json"
 
-run_step env 10 60
-if [ $SKIP_TESTS = 1 ]; then
-  skip_step tests-cpu "--skip-tests"
-  skip_step tests-gpu "--skip-tests"
-else
-  run_step tests-cpu 100 900
-  run_step tests-gpu 105 120
-fi
-if [ $WITH_8B = 1 ] && [ $SKIP_TESTS = 0 ]; then run_step tests-gpu-8b 240 120
-else skip_step tests-gpu-8b "$([ $WITH_8B = 1 ] && echo --skip-tests || echo 'needs --with-8b')"; fi
-run_step bench-synthetic 90 180
-run_step bench-dataset-packed 45 180
-run_step bench-dataset-padded 45 180
-run_step planner 45 180
-if [ $WITH_8B = 1 ]; then run_step planner-8b 180 180; else skip_step planner-8b "needs --with-8b"; fi
-run_step summary 10 60
+step() {  # step NAME GPU_BUDGET CPU_BUDGET: run it unless an option leaves it out
+  local name=$1
+  if [ -n "$ONLY" ] && [ $name != summary ] && [[ ",$ONLY," != *",$name,"* ]]; then skip_step $name "not in --only"
+  elif [ $SKIP_TESTS = 1 ] && [[ $name == tests-* ]]; then skip_step $name "--skip-tests"
+  elif [ $WITH_8B = 0 ] && [[ $name == *-8b ]]; then skip_step $name "needs --with-8b"
+  else run_step "$@"; fi
+}
+step env 10 60
+step tests-cpu 60 900
+step tests-gpu 120 120
+step tests-gpu-8b 240 120
+step bench-synthetic 110 180
+step bench-dataset-packed 50 180
+step bench-dataset-padded 50 180
+step planner 40 180
+step planner-8b 180 180
+step summary 10 60  # always
 if [ -f "$OUT/SUMMARY.md" ]; then echo; cat "$OUT/SUMMARY.md"; echo "summary: $OUT/SUMMARY.md"; fi
 echo "$FAILED step(s) failed"
 [ $FAILED = 0 ]

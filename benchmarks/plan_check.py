@@ -163,6 +163,13 @@ def _error(measured: float, predicted: float | None) -> float | None:
     return None if not predicted else round((measured - predicted) / predicted, 4)
 
 
+def write(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=("hf", "unsloth"))
@@ -201,10 +208,10 @@ def main() -> int:
                     setup = {"budget": budget, "status": "error", "reason": f"{type(e).__name__}: {e}"}
                 report["setups"].append(setup)
                 print(json.dumps(setup), flush=True)
-        if any(s["status"] != "ok" for s in report["setups"]):
-            report["status"] = "error"
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+                if setup["status"] != "ok":
+                    report["status"] = "error"
+                write(report, Path(a.out))  # after each setup: what was measured survives a stop
+    write(report, Path(a.out))
     print(f"{a.backend}: {report['status']}" + (f": {report['reason']}" if report.get("reason") else ""))
     return 1 if report["status"] == "error" else 0
 

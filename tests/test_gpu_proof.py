@@ -80,6 +80,21 @@ def test_cpu_harness_runs_every_step_and_records_a_failed_one(tmp_path):
     assert "planner fastft:tiny hf, budget 12: reserved within 15%" in summary
 
 
+def test_only_runs_the_named_steps_and_always_the_summary(tmp_path):
+    out = tmp_path / "proof"
+    result = proof("--only", "env", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == STEPS
+    ran = [s["step"] for s in steps if s["status"] == "ok"]
+    assert ran == ["env", "summary"]
+    assert {s["note"] for s in steps if s["step"] not in ran} == {"not in --only"}
+    assert json.loads((out / "env.json").read_text())["mode"] == "cpu"
+    assert "| tests-gpu | skipped (not in --only) |" in (out / "SUMMARY.md").read_text()
+    unknown = proof("--only", "env,planer", "--out", str(tmp_path / "other"), timeout=60)
+    assert unknown.returncode == 2 and "unknown step planer" in unknown.stderr and not (tmp_path / "other").exists()
+
+
 def test_refuses_a_results_folder_that_is_not_empty(tmp_path):
     (tmp_path / "earlier.json").write_text("{}")
     result = proof("--skip-tests", "--out", str(tmp_path), timeout=120)
@@ -142,6 +157,7 @@ def test_summary_computes_each_ratio_and_verdict(tmp_path):
         '<testcase classname="tests.test_gpu_backends" name="test_adapter_gives_the_same_logits_on_the_other_stack'
         '[unsloth-hf]"><failure message="x"/></testcase>'
         '<testcase classname="tests.test_plan" name="test_other"><skipped/></testcase>'
+        '<testcase time="0.000" />'  # what pytest writes for a test stopped by SIGINT at the step's budget
         '</testsuite></testsuites>')
 
     page = s.summarize(tmp_path, "gpu")
