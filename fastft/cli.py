@@ -191,6 +191,41 @@ def generate(source, prompts, prompt_file, max_new_tokens, temperature, top_p, s
         click.echo(a.answer)
 
 
+@cli.command(name="eval")
+@click.argument("source", type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="Examples in the recipe's data format (default: the recipe's eval data).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N examples  [default: all]")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder to write  [default: eval/ in the run, export or merged folder]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--max-new-tokens", default=256, show_default=True, help="Stop each answer after this many tokens at most.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Examples per forward pass and per generation batch.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy (reproducible); above 0 samples.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold (with --temperature > 0).")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling.")
+@click.option("--base", metavar="PATH_OR_ID", help="Where the base weights come from (default: the recorded base model id).")
+def evaluate(source, data, limit, out, overwrite, max_new_tokens, batch_size, temperature, top_p, seed, base):
+    """Compare the fine-tuned model in SOURCE with its base model on held-out examples.
+
+    SOURCE is a run, adapter, export or merged folder. For each example the prompt is
+    formatted exactly as in training and both models answer it (the base is the adapter
+    switched off, or the base model of a merged one). Reported for both: loss and perplexity
+    on the reference answers, ROUGE-1/2/L F1, exact match, answer length. Writes eval.json,
+    predictions.jsonl and eval.md.
+
+    \b
+    Example (after `fastft run recipes/tweetsumm.toml`):
+        fastft eval outputs/tweetsumm
+        fastft eval outputs/tweetsumm-merged --data more_conversations.jsonl --limit 50 --out eval/merged
+    """
+    from fastft.evaluation import evaluate as run_eval
+
+    run_eval(source, data=data, limit=limit, out=out, overwrite=overwrite, base=base, max_new_tokens=max_new_tokens,
+             batch_size=batch_size, temperature=temperature, top_p=top_p, seed=seed, echo=click.echo)
+
+
 @cli.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--backends", default="unsloth,hf,hf-stock", show_default=True,

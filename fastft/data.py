@@ -55,9 +55,15 @@ class RecordError(FastftError):
 class Split:
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)  # the record each example was made from, when known
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def pick(self, indices: list[int]) -> Split:
+        """The examples at `indices`, in that order."""
+        return Split([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
+                     [self.records[i] for i in indices] if self.records else [])
 
     def to_dataset(self):
         from datasets import Dataset
@@ -164,10 +170,7 @@ def render(record: Record, cfg: DataConfig, tokenizer) -> list[tuple[str, bool]]
 
     Raises `RecordError` naming the file, line and field for a malformed record.
     """
-    data = record.data
-    if "__error__" in data:
-        raise RecordError(f"{record.where}: {data['__error__']}.")
-    data = {new: data[old] for new, old in cfg.field_map.items() if old in data} | data
+    data = _fields(record, cfg)
     if cfg.format == "chat":
         return _render_chat(record, data, cfg, tokenizer)
     if cfg.format == "qa":
@@ -186,6 +189,13 @@ def render(record: Record, cfg: DataConfig, tokenizer) -> list[tuple[str, bool]]
     if cfg.add_eos:
         segments.append((tokenizer.eos_token, True))
     return segments
+
+
+def _fields(record: Record, cfg: DataConfig) -> dict:
+    """The record's fields, with `data.field_map` applied. Raises `RecordError` for an unreadable record."""
+    if "__error__" in record.data:
+        raise RecordError(f"{record.where}: {record.data['__error__']}.")
+    return {new: record.data[old] for new, old in cfg.field_map.items() if old in record.data} | record.data
 
 
 def _text(record: Record, data: dict, name: str, required: bool = True) -> str:
@@ -303,6 +313,26 @@ def prompt_template(recipe: Recipe, tokenizer) -> str:
     return build_prompt("{prompt}", recipe, tokenizer)[0]
 
 
+def prompt_and_answer(record: Record, cfg: DataConfig, tokenizer) -> tuple[str, str]:
+    """The text training put before the record's last answer, and that answer as the data gives it.
+
+    The prompt is cut from `render`'s own output, so it is exactly what the model saw in training
+    (system prompt, earlier turns and all). Raises `RecordError` as `render` does, and
+    `FastftError` for `text` data, which has no prompts.
+    """
+    if cfg.format == "text":
+        raise FastftError("`data.format = \"text\"` has no prompts and answers to compare. Evaluate qa, alpaca or "
+                          "chat data.")
+    segments = render(record, cfg, tokenizer)
+    data = _fields(record, cfg)
+    if cfg.format == "chat":
+        last = max(i for i, (_, loss) in enumerate(segments) if loss)
+        answer = [m["content"] for m in data[cfg.messages_field] if m.get("role") == "assistant"][-1]
+        return "".join(text for text, _ in segments[:last]), answer
+    response = "output" if cfg.format == "alpaca" else cfg.response_field or template_fields(cfg.template)[-1]
+    return segments[0][0], _text(record, data, response)
+
+
 # --------------------------------------------------------------------------- tokenising
 
 
@@ -344,10 +374,7 @@ def prepare(recipe: Recipe, tokenizer, echo=print) -> Prepared:
         order = list(range(len(train)))
         random.Random(recipe.train.seed).shuffle(order)
         n_eval = max(1, math.ceil(len(order) * cfg.eval_fraction))
-        held = set(order[:n_eval])
-        evals = Split([train.input_ids[i] for i in sorted(held)], [train.labels[i] for i in sorted(held)])
-        train = Split([x for i, x in enumerate(train.input_ids) if i not in held],
-                      [x for i, x in enumerate(train.labels) if i not in held])
+        evals, train = train.pick(sorted(order[:n_eval])), train.pick(sorted(order[n_eval:]))
     lengths = [len(x) for x in train.input_ids]
     loss_tokens = sum(sum(1 for t in lab if t != -100) for lab in train.labels)
     stats.update(
@@ -361,6 +388,20 @@ def prepare(recipe: Recipe, tokenizer, echo=print) -> Prepared:
     if skipped:
         echo(describe_skipped(skipped, len(train_records) + len(eval_records)))
     return Prepared(train, evals, stats, train_previews, "sha256:" + digest.hexdigest()[:16])
+
+
+def prepare_file(paths: list[str], recipe: Recipe, tokenizer, echo=print) -> Split:
+    """Read, format and tokenise data files in the recipe's format as `prepare` does its eval data
+    (`fastft eval --data`). Raises `FastftError` naming the file, line and field of a bad record."""
+    cfg = recipe.data
+    records = read_records(paths, cfg)
+    if cfg.format == "qa":
+        _check_template_fields(records, cfg, recipe.source)
+    skipped: list[tuple[Record, str]] = []
+    split, _ = _tokenize_records(records, recipe, tokenizer, {}, "eval", skipped)
+    if skipped:
+        echo(describe_skipped(skipped, len(records)))
+    return split
 
 
 def describe_skipped(skipped: list[tuple[Record, str]], total: int) -> str:
@@ -413,7 +454,8 @@ def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: st
                           f"on. The first: {skipped[first_skipped][1]}")
     result, previews = Split(), []
     truncated = dropped_tokens = no_loss = 0
-    for segs, (ids, labels, offsets) in zip(segments, tokenize(segments, tokenizer, cfg.train_on, cfg.format == "chat")):
+    tokenized = tokenize(segments, tokenizer, cfg.train_on, cfg.format == "chat")
+    for record, segs, (ids, labels, offsets) in zip(kept, segments, tokenized):
         if len(ids) > cfg.max_length:
             truncated += 1
             dropped_tokens += len(ids) - cfg.max_length
@@ -423,6 +465,7 @@ def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: st
             continue
         result.input_ids.append(ids)
         result.labels.append(labels)
+        result.records.append(record)
         if len(previews) < 2:
             previews.append(_pieces("".join(t for t, _ in segs), labels, offsets))
     if records and not result.input_ids:
