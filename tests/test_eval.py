@@ -43,6 +43,7 @@ def _read(folder: Path):
     return report, predictions
 
 
+@pytest.mark.slow
 def test_eval_writes_the_comparison_and_fine_tuning_lowered_the_loss(run_dir, cli_eval):
     report, predictions = _read(run_dir / "eval")
     base, tuned = report["metrics"]["base"], report["metrics"]["fine_tuned"]
@@ -68,6 +69,7 @@ def test_eval_writes_the_comparison_and_fine_tuning_lowered_the_loss(run_dir, cl
     assert "fine-tuned:" in cli_eval.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_rouge_is_rouge_score_on_the_saved_strings(run_dir, cli_eval):
     from rouge_score.rouge_scorer import RougeScorer
 
@@ -82,6 +84,7 @@ def test_rouge_is_rouge_score_on_the_saved_strings(run_dir, cli_eval):
         assert report["metrics"][model]["exact_match"] == exact
 
 
+@pytest.mark.slow
 def test_batched_answers_are_generates_answers(run_dir, cli_eval):
     """Left-padded batches answer as `fastft generate` does, one prompt at a time, from the user's text."""
     from fastft.export import generate
@@ -93,6 +96,7 @@ def test_batched_answers_are_generates_answers(run_dir, cli_eval):
     assert [a.answer for a in answers] == [p["fine_tuned"] for p in predictions[:3]]
 
 
+@pytest.mark.slow
 def test_an_existing_eval_folder_is_refused(run_dir, cli_eval):
     before = (run_dir / "eval" / "eval.json").read_bytes()
     done = run_cli("eval", str(run_dir))
@@ -100,6 +104,7 @@ def test_an_existing_eval_folder_is_refused(run_dir, cli_eval):
     assert (run_dir / "eval" / "eval.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_export_and_merged_folders_give_the_same_fine_tuned_metrics(run_dir, tmp_path):
     from fastft.export import export, merge
 
@@ -121,6 +126,7 @@ def test_export_and_merged_folders_give_the_same_fine_tuned_metrics(run_dir, tmp
             assert b["metrics"][model][key] == pytest.approx(value, rel=1e-5), (model, key)
 
 
+@pytest.mark.slow
 def test_no_eval_data_says_how_to_get_some(run_dir, tmp_path):
     folder = shutil.copytree(run_dir / "adapter", tmp_path / "adapter")
     recipe = (run_dir / "recipe.toml").read_text()
@@ -133,6 +139,7 @@ def test_no_eval_data_says_how_to_get_some(run_dir, tmp_path):
         assert hint in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bad_data_record_is_named(run_dir, tmp_path):
     good = EVAL_DATA.read_text().splitlines()[0]
     bad = tmp_path / "bad.jsonl"
