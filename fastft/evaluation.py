@@ -321,10 +321,10 @@ def markdown(report: dict, predictions: list[dict], shown: int = 3) -> str:
     lines = [
         f"# Evaluation of {report['source']}",
         "",
-        f"{report['examples']} examples ({report['data']}); base `{report['base_model']}`, fine-tuned: the "
+        (f"{report['examples']} examples ({report['data']}); base `{report['base_model']}`, fine-tuned: the "
         f"{report['source_kind']} in `{report['source']}`. Answers {decoding}, at most {g['max_new_tokens']} new "
         f"tokens, stopped at {', '.join(f'`{t}`' for t in g['stop_tokens'])}. Loss: teacher-forced on the reference "
-        "answers, over the tokens training took the loss on. ROUGE: F1 from rouge-score on lowercased Unicode words.",
+        "answers, over the tokens training took the loss on. ROUGE: F1 from rouge-score on lowercased Unicode words."),
         "",
         "| metric | base | fine-tuned | difference |",
         "|---|---:|---:|---:|",

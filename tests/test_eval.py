@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RECIPES, qa_rows, run_cli, tiny_recipe, write_jsonl
+from conftest import RECIPES, qa_rows, run_cli, tiny_recipe
 from fastft import evaluation as ev
 from fastft.errors import FastftError
 
