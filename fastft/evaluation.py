@@ -219,22 +219,7 @@ def evaluate(source: str | Path, data: str | None = None, limit: int | None = No
                               eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     echo(f"evaluating {src.path} on {len(examples)} examples ({origin})")
 
-    results = {}
-    model = load_for_generation(src, base)
-    if src.adapter is not None:  # one model: the base is the same weights with the adapter switched off
-        name, _, revision = base_model(src, base)
-        with model.disable_adapter():
-            results["base"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "base")
-        results["fine_tuned"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "fine-tuned")
-    else:  # a merged model: load the base it was merged from, in the same dtype, one model at a time
-        results["fine_tuned"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "fine-tuned")
-        dtype, device = model.dtype, model.device
-        del model
-        name, path, revision = merged_base(src, base)
-        trust = src.recipe.model.trust_remote_code
-        model = _load_model(path, name, revision, dtype, trust=trust, device=str(device))
-        results["base"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "base")
-    del model
+    results, name, revision = run_both(src, base, tokenizer, examples, config, stops, batch_size, seed)
     models = {k: metrics(*results[k], examples, scorer) for k in ("base", "fine_tuned")}
 
     report = {
@@ -275,6 +260,27 @@ def evaluate(source: str | Path, data: str | None = None, limit: int | None = No
     echo(table(report))
     echo(f"wrote {out}/eval.json, predictions.jsonl and eval.md")
     return out
+
+
+def run_both(src: Source, base: str | None, tokenizer, examples: list[Example], config, stops: list[int],
+             batch_size: int, seed: int) -> tuple[dict, str, str | None]:
+    """Run the base and the fine-tuned model over the examples; also return the base's id and revision."""
+    results = {}
+    model = load_for_generation(src, base)
+    if src.adapter is not None:  # one model: the base is the same weights with the adapter switched off
+        name, _, revision = base_model(src, base)
+        with model.disable_adapter():
+            results["base"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "base")
+        results["fine_tuned"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "fine-tuned")
+        return results, name, revision
+    # a merged model: then the base it was merged from, in the same dtype; one model in memory at a time
+    results["fine_tuned"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "fine-tuned")
+    dtype, device = model.dtype, str(model.device)
+    del model
+    name, path, revision = merged_base(src, base)
+    model = _load_model(path, name, revision, dtype, trust=src.recipe.model.trust_remote_code, device=device)
+    results["base"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "base")
+    return results, name, revision
 
 
 def merged_base(src: Source, base: str | None) -> tuple[str, str, str | None]:
