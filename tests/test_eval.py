@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import RECIPES, qa_rows, run_cli, tiny_recipe
 from fastft import evaluation as ev
@@ -193,3 +194,21 @@ def test_held_out_examples_keep_their_records(tmp_path, tokenizer):
         assert e.reference == rows[line - 1]["answer"] and e.prompt == f"Q: {rows[line - 1]['question']}\nA: "
         assert tokenizer.decode(e.input_ids).startswith(e.prompt + e.reference)
         assert e.input_ids[:len(e.prompt_ids)] == e.prompt_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")
+def test_qlora_adapter_is_evaluated_on_its_4bit_base_on_a_gpu(tmp_path):
+    """The recipe as written (4-bit base, compute dtype auto) on the GPU: base and fine-tuned on the 4-bit base."""
+    from fastft.train import run
+
+    overrides = tuple(o for o in TRAIN if not o.startswith(("model.quantization", "model.dtype")))
+    run_dir = run(str(RECIPES / "tweetsumm.toml"), output=str(tmp_path / "run"), overrides=overrides,
+                  echo=lambda *a: None)
+    ev.evaluate(run_dir, **FAST)
+    report, predictions = _read(run_dir / "eval")
+    summary = json.loads((run_dir / "fastft.json").read_text())
+    tuned, base = report["metrics"]["fine_tuned"], report["metrics"]["base"]
+    assert report["trained_quantization"] == "4bit" and len(predictions) == 10
+    assert tuned["loss"] < base["loss"]
+    assert tuned["loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-2)  # bf16/fp16 compute
