@@ -22,9 +22,12 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastft.data import RecordError, prepare, prepare_file, prompt_and_answer
+from fastft.batching import make_collator
+from fastft.data import RecordError, prepare, prepare_file, prompt_and_answer, stop_token_ids
 from fastft.errors import FastftError
-from fastft.export import Source, _load_model, base_model, load_for_generation, locate, stop_token_ids
+from fastft.export import Source, base_model, load_model, locate
+from fastft.generate import load_for_generation
+from fastft.runs import atomic_dir, library_versions
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # (key in eval.json, label in the table, digits shown)
@@ -121,8 +124,6 @@ def reference_loss(model, tokenizer, examples: list[Example]) -> tuple[float, in
     """
     import torch
 
-    from fastft.data import make_collator
-
     batch = make_collator(tokenizer, packing=False)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():
@@ -193,8 +194,6 @@ def evaluate(source: str | Path, data: str | None = None, limit: int | None = No
     `out` defaults to eval/ in the run (or export, or merged) folder and is written atomically.
     Raises `FastftError` for bad input, no eval data, or an existing `out` without `overwrite`.
     """
-    from fastft.train import atomic_dir, library_versions
-
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise FastftError("--temperature must be >= 0, --top-p in (0, 1], and --max-new-tokens, --batch-size and "
                           "--limit at least 1.")
@@ -278,7 +277,7 @@ def run_both(src: Source, base: str | None, tokenizer, examples: list[Example], 
     dtype, device = model.dtype, str(model.device)
     del model
     name, path, revision = merged_base(src, base)
-    model = _load_model(path, name, revision, dtype, trust=src.recipe.model.trust_remote_code, device=device)
+    model = load_model(path, name, revision, dtype, trust=src.recipe.model.trust_remote_code, device=device)
     results["base"] = run_model(model, tokenizer, examples, config, stops, batch_size, seed, "base")
     return results, name, revision
 

@@ -88,7 +88,7 @@ def test_rouge_is_rouge_score_on_the_saved_strings(run_dir, cli_eval):
 @pytest.mark.slow
 def test_batched_answers_are_generates_answers(run_dir, cli_eval):
     """Left-padded batches answer as `fastft generate` does, one prompt at a time, from the user's text."""
-    from fastft.export import generate
+    from fastft.generate import generate
 
     _, predictions = _read(run_dir / "eval")
     users = [json.loads(line)["messages"][0]["content"] for line in EVAL_DATA.read_text().splitlines()][:3]
@@ -107,7 +107,8 @@ def test_an_existing_eval_folder_is_refused(run_dir, cli_eval):
 
 @pytest.mark.slow
 def test_export_and_merged_folders_give_the_same_fine_tuned_metrics(run_dir, tmp_path):
-    from fastft.export import export, merge
+    from fastft.export import export
+    from fastft.merge import merge
 
     exported = export(run_dir, tmp_path / "exported", echo=lambda *a: None)
     merged = merge(exported, tmp_path / "merged", dtype="fp32", echo=lambda *a: None)
