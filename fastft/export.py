@@ -23,7 +23,7 @@ from pathlib import Path
 from fastft.data import prompt_template, stop_token_ids
 from fastft.errors import FastftError
 from fastft.recipe import Recipe, load_recipe
-from fastft.runs import atomic_dir, library_versions
+from fastft.runs import atomic_dir, disk_full_error, library_versions
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -169,8 +169,11 @@ def export(run_dir: str | Path, out: str | Path, overwrite: bool = False, echo=p
         (swap.tmp / "fastft.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
         (swap.tmp / "README.md").write_text(adapter_card(manifest, out.name), encoding="utf-8")
         swap.commit()
-    except BaseException:
+    except BaseException as e:
         swap.abort()
+        full = disk_full_error(e, "the export", out, sum(f.stat().st_size for f in adapter.iterdir()) + 20_000)
+        if full:
+            raise full from None
         raise
     echo(f"exported {src.path} to {out}: adapter for {recipe.model.name}, stop token "
          f"{manifest['stop_tokens'][0] if stops else 'none'}")

@@ -19,7 +19,7 @@ from fastft.data import build_prompt, prompt_template, stop_token_ids
 from fastft.errors import FastftError
 from fastft.export import base_model, load_adapter, load_model, locate, prepare_out, require_adapter
 from fastft.recipe import Recipe
-from fastft.runs import atomic_dir, library_versions
+from fastft.runs import atomic_dir, disk_full_error, library_versions
 
 # Fidelity tolerance: the largest logit difference between base+adapter and the merged model
 # (both computed in fp32), as a fraction of the largest logit (at least 1). An fp32 merge differs
@@ -80,7 +80,7 @@ def merge(source: str | Path, out: str | Path, dtype: str = "auto", base: str | 
     # load, adapter, merge, save; with the check: reference logits, reload, compare, and the 4-bit model
     bar = tqdm(total=4 + 3 * check + trained_4bit, desc="merge", unit="step", file=sys.stderr)
     report: dict = {}
-    swap = atomic_dir(out)
+    swap, merged_size = atomic_dir(out), 0
     try:
         bar.set_postfix_str(f"loading {name}")
         model = load_model(path, name, revision, torch.float32, trust=trust)
@@ -97,6 +97,7 @@ def merge(source: str | Path, out: str | Path, dtype: str = "auto", base: str | 
             bar.update()
         bar.set_postfix_str("merging")
         model = model.merge_and_unload(safe_merge=True).to(torch_dtype)  # safe_merge refuses NaNs
+        merged_size = sum(t.numel() for t in model.state_dict().values()) * torch_dtype.itemsize
         bar.update()
         bar.set_postfix_str("saving")
         gen = model.generation_config
@@ -139,9 +140,13 @@ def merge(source: str | Path, out: str | Path, dtype: str = "auto", base: str | 
         if converter:
             run_gguf_converter(converter, swap.tmp, dtype)
         swap.commit()
-    except BaseException:
+    except BaseException as e:
         bar.close()
         swap.abort()
+        # The merged weights in the chosen precision, and the tokenizer's files.
+        full = disk_full_error(e, "the merged model", out, merged_size + 20_000_000)
+        if full:
+            raise full from None
         raise
     echo(f"merged {name} + {adapter} ({dtype}) into {out}")
     return out

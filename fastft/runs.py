@@ -8,12 +8,16 @@
       logs/            TensorBoard events
 
 Everything here decides or writes files; nothing trains. `fastft/train.py` calls it in order:
-claim the folder, check a checkpoint can resume, write the recipe, mark checkpoints complete,
-save the adapter and the summary.
+decide what happens to the folder, check a checkpoint can resume, write the recipe, mark
+checkpoints complete, save the adapter and the summary; running out of disk space on the way
+becomes one paragraph (`explain_disk_full`). Which run may write the folder at all is
+`fastft/claim.py`'s job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -47,12 +51,12 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, processes: int |
         raise FastftError("--resume and --overwrite contradict each other: choose one.")
     if run_dir.exists() and not run_dir.is_dir():
         raise FastftError(f"{run_dir} is a file, not a run folder. Choose another --output (or train.output_dir).")
-    # A run that failed before saving anything leaves only its recipe and empty folders: not worth keeping.
-    # Hidden entries are leftovers of interrupted atomic saves.
+    # A run that failed (or was killed) before saving anything leaves only its recipe, logs and
+    # half-written checkpoints: not worth keeping. Hidden entries are leftovers of interrupted atomic saves.
     occupied = run_dir.exists() and (
         any(p.name not in ("recipe.toml", "checkpoints", "logs") and not p.name.startswith(".")
             for p in run_dir.iterdir())
-        or any((run_dir / "checkpoints").glob("checkpoint-*"))
+        or latest_checkpoint(run_dir) is not None
     )
     if resume:
         checkpoint = latest_checkpoint(run_dir)
@@ -86,13 +90,13 @@ def claim_run_dir(run_dir: Path, resume: bool, overwrite: bool, processes: int |
 def open_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool, checkpoint: Path | None, echo=print) -> None:
     """Make the run folder ready to write, once the new run's recipe, data and model are known to be good.
 
-    Rank 0 deletes the earlier run (`overwrite`) or the half-written checkpoints (resuming), creates
-    the folder and writes the resolved recipe; every process waits until it has.
+    Rank 0 deletes the earlier run (`overwrite`) and half-written checkpoints, creates the folder
+    and writes the resolved recipe; every process waits until it has.
     """
     if is_main_process():
         if overwrite:
             clear_run_dir(run_dir)
-        if checkpoint:
+        if run_dir.exists():  # a checkpoint cut short by a kill or a full disk: nothing to keep
             drop_incomplete_checkpoints(run_dir, echo)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.toml", to_toml(recipe))
@@ -125,12 +129,26 @@ def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[-1])
 
 
-def drop_incomplete_checkpoints(run_dir: Path, echo=print) -> None:
-    """Delete checkpoints without the completion mark, so a resumed run cannot mix in their files."""
-    for p in _checkpoints(run_dir / "checkpoints"):
-        if not (p / COMPLETE_MARK).exists():
-            echo(f"removing {p}: it was never completely written")
-            shutil.rmtree(p)
+def drop_incomplete_checkpoints(run_dir: Path, echo=print) -> list[Path]:
+    """Delete checkpoints without the completion mark, so a resumed run cannot mix in their files; return them."""
+    dropped = [p for p in _checkpoints(run_dir / "checkpoints") if not (p / COMPLETE_MARK).exists()]
+    for p in dropped:
+        echo(f"removing {p}: it was never completely written")
+        shutil.rmtree(p)
+    return dropped
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (fastft's `train.save_total_limit`).
+
+    Done here rather than by the Trainer, which deletes old checkpoints before the new one is
+    marked complete: a kill in between could leave none that counts. Each mark goes first, so
+    a deletion cut short leaves nothing that looks complete.
+    """
+    done = sorted((p for p in _checkpoints(run_dir / "checkpoints") if (p / COMPLETE_MARK).exists()), key=_step)
+    for p in done[:-keep] if keep else []:
+        (p / COMPLETE_MARK).unlink()
+        shutil.rmtree(p)
 
 
 # Files that `torch.save` writes into every Trainer checkpoint (optimizer, scheduler, RNG, scaler,
@@ -228,10 +246,14 @@ def checkpoint_processes(checkpoint: Path) -> int | None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
+    """Write a file so that readers see the old content or the new, never half of it (nor a half-written file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_dir(final: Path):
@@ -291,10 +313,11 @@ class MarkComplete(Callback):
     """Trainer callback: mark a checkpoint complete once the Trainer has finished writing it.
 
     The mark records the dataset fingerprint, so a resume can tell that the data changed.
+    Then the oldest complete checkpoints beyond `keep` are deleted (`rotate_checkpoints`).
     """
 
-    def __init__(self, fingerprint: str = ""):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: str = "", keep: int = 0):
+        self.fingerprint, self.keep = fingerprint, keep  # keep: the newest complete checkpoints kept (0: all)
 
     def on_save(self, args, state, control, **kwargs):
         wait_for_everyone()  # every process has written its part (its random state) before the mark
@@ -303,7 +326,8 @@ class MarkComplete(Callback):
             if path.is_dir():
                 mark = {"step": state.global_step, "dataset_fingerprint": self.fingerprint,
                         "processes": args.world_size}  # resume needs the same data and process count
-                (path / COMPLETE_MARK).write_text(json.dumps(mark))
+                atomic_write(path / COMPLETE_MARK, json.dumps(mark))  # a mark cut short by a full disk does not count
+                rotate_checkpoints(Path(args.output_dir).parent, self.keep)
 
 
 def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool = False,
@@ -323,6 +347,98 @@ def resume_command(recipe_path, backend, overrides, output, allow_pickle: bool =
     if allow_pickle:
         parts.append("--allow-pickle")
     return shlex.join(parts + ["--resume"])
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+class DiskFull(FastftError):
+    """Out of disk space (or over the file-size limit) while writing; `command` goes on (resumes or restarts)."""
+
+    def __init__(self, message: str, command: str = ""):
+        super().__init__(message)
+        self.command = command
+
+
+# What writers say when the disk is full: Python and safetensors give the errno, torch.save only
+# "unexpected pos" (its zip writer noticed the short write) or "PytorchStreamWriter failed writing".
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+DISK_FULL_SIGNS = ("No space left on device", "File too large", "Disk quota exceeded", "(os error 28)",
+                   "(os error 27)", "(os error 122)", "unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """True if `e`, or an exception it was raised from or while handling, is a write refused for lack of space."""
+    return any(isinstance(x, OSError) and x.errno in DISK_FULL_ERRNOS or any(s in str(x) for s in DISK_FULL_SIGNS)
+               for x in _chain(e))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+@contextlib.contextmanager
+def explain_disk_full(what: str, where: Path, needs: float, run_dir: Path | None = None, resume: str = "",
+                      cleanup=None):
+    """Turn running out of disk space inside the block into a `DiskFull` paragraph (exit code 2).
+
+    `cleanup()` removes the half-written piece and returns what it removed; see `disk_full_error`.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise disk_full_error(e, what, where, needs, run_dir, resume, cleanup() if cleanup else []) from None
+
+
+def disk_full_error(e: BaseException, what: str, where: Path, needs: float, run_dir: Path | None = None,
+                    resume: str = "", removed=()) -> DiskFull | None:
+    """The `DiskFull` error for `e` if it is a write refused for lack of space, else None.
+
+    It says what was being written (`what`) and where, about how much it needs (`needs`, bytes)
+    against what is free, what half-written piece was `removed`, and how to go on: in a run
+    folder (`run_dir`), from the last complete checkpoint with the `resume` command, or with the
+    same command without --resume when no checkpoint is complete.
+    """
+    if not is_disk_full(e):
+        return None
+    place = next((p for p in (Path(where), *Path(where).parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(place).free
+    # torch.save does not say why its write failed: with space left and a file-size limit set, it was the limit.
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size_limit = any(isinstance(x, OSError) and x.errno == errno.EFBIG or "File too large" in str(x)
+                     or "(os error 27)" in str(x) for x in _chain(e)) or (limit != resource.RLIM_INFINITY
+                                                                           and free > needs)
+    why = (f"a file grew past this process's file-size limit (`ulimit -f`, {_size(limit)})" if size_limit
+           else "the disk is full")
+    message = (f"Could not write {what} to {where}: {why}. It needs about {_size(needs)}, and {_size(free)} is free "
+               "on that filesystem. ")
+    message += f"The half-written {', '.join(p.name for p in removed)} was removed. " if removed else \
+        "Nothing half-written was kept. "
+    if run_dir is None:
+        return DiskFull(message + "Free some space (or raise the limit) and run the command again.")
+    last = latest_checkpoint(run_dir)
+    if last:
+        return DiskFull(message + f"The last complete checkpoint is {last}. Free some space (or raise the limit), "
+                        "then resume with:", command=resume)
+    return DiskFull(message + "No checkpoint is complete yet. Free some space (or raise the limit), then start "
+                    "again with:", command=resume.removesuffix(" --resume"))
+
+
+def _chain(e: BaseException | None):
+    """`e` and the exceptions it was raised from or while handling."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def library_versions() -> dict:

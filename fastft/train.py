@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from fastft.batching import describe_data
+from fastft.claim import claim_for_run, take
 from fastft.data import prepare
 from fastft.distributed import (any_process, check_processes, is_main_process, local_main_first, torchrun_command,
                                 world_size)
@@ -37,8 +38,8 @@ from fastft.models import load_tokenizer, resolve_model
 from fastft.plan import FALLBACK_STEPS, Plan, apply_setup, plan_for_run, recipe_setting, toml_value
 from fastft.recipe import Recipe, load_recipe
 from fastft.runs import (Callback, MarkComplete, atomic_write, check_resumable, check_same_data, claim_run_dir,
-                         latest_checkpoint, library_versions, open_run_dir, refuse_pickle_weights, resume_command,
-                         run_folder, save_adapter)
+                         drop_incomplete_checkpoints, explain_disk_full, latest_checkpoint, library_versions,
+                         open_run_dir, refuse_pickle_weights, resume_command, run_folder, save_adapter)
 
 
 class Interrupted(FastftError):
@@ -68,36 +69,45 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
     if not is_main_process():
         echo = _quiet  # one log per run, from rank 0
     run_dir = run_folder(recipe, output)
-    checkpoint = claim_run_dir(run_dir, resume, overwrite)  # every rank checks; only rank 0 deletes
-    from fastft.backends import get_backend
+    # Claimed before anything takes time, held until the run ends however it ends (fastft/claim.py).
+    with claim_for_run(run_dir, echo):
+        command = resume_command(recipe_path, backend, overrides, output, allow_pickle, gpu_memory)
+        # Out of disk space while writing: one paragraph saying what, where, how much, and how to go on.
+        disk_full = functools.partial(explain_disk_full, run_dir=run_dir, resume=command)
+        checkpoint = claim_run_dir(run_dir, resume, overwrite)  # every rank checks; only rank 0 deletes
+        from fastft.backends import get_backend
 
-    engine = get_backend(backend, **(backend_options or {}))  # Unsloth, if chosen, is imported here, first
-    check_sources(recipe, run_dir, checkpoint, allow_pickle)
-    tokenizer, data = load_data(recipe, echo)
-    # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
-    # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
-    planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
-    echo(describe_data(data, planned))
-    if checkpoint:
-        check_same_data(checkpoint, data.fingerprint)
+        engine = get_backend(backend, **(backend_options or {}))  # Unsloth, if chosen, is imported here, first
+        check_sources(recipe, run_dir, checkpoint, allow_pickle)
+        tokenizer, data = load_data(recipe, echo)
+        # The memory planner turns the recipe's "auto" settings into concrete ones (fastft/plan.py);
+        # recipe.toml keeps them "auto", so a rerun plans again for the GPU it runs on.
+        planned, plan = plan_for_run(recipe, engine.name, data.stats, echo=echo, gpu_memory=gpu_memory)
+        echo(describe_data(data, planned))
+        if checkpoint:
+            check_same_data(checkpoint, data.fingerprint)
 
-    # --- train (the run folder is opened, and an earlier run there deleted with --overwrite, only
-    # once the model has loaded and the trainer is built: a refusal there loses nothing)
-    stopper = StopOnSignal()
-    open_folder = functools.partial(open_run_dir, run_dir, recipe, overwrite, checkpoint, echo)
-    trainer, result, planned = train(engine, planned, plan, tokenizer, data, run_dir, checkpoint, open_folder,
-                                     stopper, callbacks, echo)
-    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
-        raise Interrupted(
-            f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved in "
-            f"{run_dir / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}. Resume with:",
-            command=resume_command(recipe_path, backend, overrides, output, allow_pickle, gpu_memory),
-        )
+        # --- train (the run folder is opened, and an earlier run there deleted with --overwrite, only
+        # once the model has loaded and the trainer is built: a refusal there loses nothing)
+        stopper = StopOnSignal()
 
-    # --- save
-    summary = run_summary(recipe_path, planned, engine.name, data, trainer, result, plan, checkpoint, started)
-    save_run(trainer, tokenizer, planned, data, run_dir, summary, echo)
-    return run_dir
+        def open_folder():
+            with disk_full("the recipe", run_dir / "recipe.toml", 10_000):
+                open_run_dir(run_dir, recipe, overwrite, checkpoint, echo)
+
+        trainer, result, planned = train(engine, planned, plan, tokenizer, data, run_dir, checkpoint, open_folder,
+                                         stopper, callbacks, disk_full, echo)
+        if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(
+                f"Interrupted at step {trainer.state.global_step} of {trainer.state.max_steps}; a checkpoint was saved "
+                f"in {run_dir / 'checkpoints' / f'checkpoint-{trainer.state.global_step}'}. Resume with:",
+                command=command,
+            )
+
+        # --- save
+        summary = run_summary(recipe_path, planned, engine.name, data, trainer, result, plan, checkpoint, started)
+        save_run(trainer, tokenizer, planned, data, run_dir, summary, disk_full, echo)
+        return run_dir
 
 
 def check_sources(recipe: Recipe, run_dir: Path, checkpoint: Path | None, allow_pickle: bool) -> None:
@@ -116,7 +126,7 @@ def load_data(recipe: Recipe, echo):
 
 
 def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoint: Path | None, open_folder,
-          stopper: StopOnSignal, callbacks, echo):
+          stopper: StopOnSignal, callbacks, disk_full, echo):
     """Load the model, attach LoRA and train; return (trainer, train output, the recipe it succeeded with).
 
     `open_folder()` readies the run folder; it is called once, right before the first training step.
@@ -134,14 +144,18 @@ def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoi
         trainer = engine.make_trainer(
             recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
             training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0),
-            callbacks=[MarkComplete(data.fingerprint), stopper, watch, *callbacks],
+            callbacks=[MarkComplete(data.fingerprint, keep=recipe.train.save_total_limit), stopper, watch, *callbacks],
         )
         if not opened:
             open_folder()
             opened = True
         if checkpoint:
             echo(f"resuming from {checkpoint}")
-        with stopper.installed():
+        # A checkpoint holds the trainable weights and Adam's two moments, all in fp32, and some small files.
+        last = latest_checkpoint(run_dir)
+        size = sum(f.stat().st_size for f in last.iterdir()) if last else 12 * trainable + 100_000
+        drop = (lambda: drop_incomplete_checkpoints(run_dir, _quiet)) if is_main_process() else None
+        with stopper.installed(), disk_full("a checkpoint", run_dir / "checkpoints", size, cleanup=drop):
             return trainer, trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     with explain_out_of_memory(recipe, data, run_dir):
@@ -171,14 +185,20 @@ def run_summary(recipe_path, recipe: Recipe, backend: str, data, trainer, result
     }
 
 
-def save_run(trainer, tokenizer, recipe: Recipe, data, run_dir: Path, summary: dict, echo) -> None:
+def save_run(trainer, tokenizer, recipe: Recipe, data, run_dir: Path, summary: dict, disk_full, echo) -> None:
     """Save the adapter and the summary (rank 0), then show the losses and a sample answer."""
     # Under FSDP each process holds a shard of every weight: gathering them is a collective.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if not is_main_process():
         return
-    save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
-    atomic_write(run_dir / "fastft.json", json.dumps(summary, indent=2))
+    tokenizer_files = Path(tokenizer.name_or_path)
+    size = 4 * trainer.model.get_nb_trainable_parameters()[0] + (  # fp32 weights, and the tokenizer's files
+        sum(f.stat().st_size for f in tokenizer_files.glob("*.json")) if tokenizer_files.is_dir() else 10_000_000)
+    with disk_full("the adapter", run_dir / "adapter", size):
+        save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
+    text = json.dumps(summary, indent=2)
+    with disk_full("the run summary", run_dir / "fastft.json", len(text)):
+        atomic_write(run_dir / "fastft.json", text)
     echo(f"loss: first {summary['first_loss']}, last {summary['final_loss']}"
          + (f", eval {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else ""))
     echo(f"throughput: {summary['train_tokens_per_second']} tokens/s over {summary['processes']} process(es), "
@@ -200,12 +220,18 @@ def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple =
     """
     recipe = load_recipe(recipe_path, overrides)
     check_processes(recipe, backend, nproc)
-    claim_run_dir(run_folder(recipe, output), resume, overwrite, processes=nproc)
-    import torch
+    run_dir = run_folder(recipe, output)
+    claim = take(run_dir)  # this process becomes torchrun, which keeps holding it; its rank 0 adopts it
+    try:
+        claim_run_dir(run_dir, resume, overwrite, processes=nproc)
+        import torch
 
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise FastftError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) are visible here. "
-                          "Use one process per GPU (check CUDA_VISIBLE_DEVICES).")
+        if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+            raise FastftError(f"--nproc {nproc}: only {torch.cuda.device_count()} GPU(s) are visible here. "
+                              "Use one process per GPU (check CUDA_VISIBLE_DEVICES).")
+    except BaseException:
+        claim.release()
+        raise
     args = ["run", str(recipe_path), "--backend", backend, *(f"--set={o}" for o in overrides)]
     args += ["--output", str(output)] if output else []
     args += ["--resume"] if resume else []
@@ -213,6 +239,7 @@ def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple =
     args += ["--gpu-memory", f"{gpu_memory:g}"] if gpu_memory else []
     args += ["--allow-pickle"] if allow_pickle else []
     sys.stdout.flush()
+    claim.keep_across_exec()
     os.execv(sys.executable, torchrun_command(nproc, args))
 
 
@@ -244,7 +271,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         train_sampling_strategy=sampling_strategy(recipe.data),  # lengths come from input_ids
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # fastft deletes old checkpoints itself, once the new one is complete (MarkComplete)
         eval_strategy=("steps" if eval_every else "epoch") if eval_data else "no", eval_steps=eval_every,
         report_to=report, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         gradient_checkpointing=False,  # the backend has already set it up its own way

@@ -23,6 +23,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -41,14 +43,33 @@ def runs(tmp_path_factory):
     two = subprocess.Popen([sys.executable, "-m", "fastft", "run", str(recipe), "--nproc", "2",
                             "--output", str(tmp / "two"), *DDP_SETTINGS],
                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    claim = {}
+    watch = threading.Thread(target=try_to_claim, args=(tmp / "two", two, claim), daemon=True)
+    watch.start()
     from fastft.train import run
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("TENSORBOARD_LOGGING_DIR", raising=False)  # the run sets it for itself
         run(str(recipe), output=str(tmp / "one"), echo=lambda *a, **k: None)
     out, err = two.communicate(timeout=600)
+    watch.join()
     return {"recipe": recipe, "tmp": tmp, "two": tmp / "two", "one": tmp / "one", "rc": two.returncode,
-            "out": out, "err": err}
+            "out": out, "err": err, "claim": claim,
+            "pid": two.pid}
+
+
+def try_to_claim(run_dir, launcher, result):
+    """Once rank 0 of the torchrun job has written the recipe, claim its folder as a second run would."""
+    from fastft.claim import take
+    from fastft.errors import FastftError
+
+    while not (run_dir / "recipe.toml").exists() and launcher.poll() is None:
+        time.sleep(0.05)
+    try:
+        take(run_dir).release()
+        result["error"] = None
+    except FastftError as e:
+        result["error"] = str(e)
 
 
 def message(result) -> str:
@@ -74,6 +95,17 @@ def test_both_processes_finish_and_rank0_writes_once(runs):
     # One writer: one log, one adapter folder, no temporary or displaced copies left beside it.
     assert runs["out"].count("adapter saved in") == 1 and runs["out"].count("data: 16 train") == 1
     assert sorted(p.name for p in runs["two"].iterdir()) == ["adapter", "checkpoints", "fastft.json", "recipe.toml"]
+
+
+def test_the_launcher_claims_the_folder_for_the_whole_torchrun_job(runs):
+    """`fastft run --nproc 2` claims the folder, execs into torchrun (same process id) and keeps it claimed;
+    rank 0 adopts the claim instead of competing with it; the claim is gone when the job ends."""
+    from fastft.claim import lock_file
+
+    assert runs["rc"] == 0, runs["err"][-3000:]
+    error = runs["claim"]["error"]
+    assert error and f"is in use by another fastft run (process {runs['pid']} on " in error, error
+    assert not lock_file(runs["two"]).exists()
 
 
 def test_adapter_equals_single_process_with_same_global_batch(runs):

@@ -104,6 +104,9 @@ def test_interrupt_saves_a_checkpoint_and_prints_the_exact_resume_command(refere
     output += proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, output
     assert "Traceback" not in output
+    from fastft.claim import lock_file
+
+    assert not lock_file(out).exists()  # Ctrl-C released the folder's claim
 
     step = int(output.split("Interrupted at step ")[1].split()[0])
     assert 1 <= step < STEPS
