@@ -18,11 +18,12 @@ import resource
 import signal
 import sys
 
-import fastft.backends.hf  # noqa: F401  (everything a run imports, imported once)
-import fastft.cli
-import fastft.train  # noqa: F401
 import peft  # noqa: F401
 import trl  # noqa: F401
+
+import fastft.backends.hf
+import fastft.cli
+import fastft.train
 
 
 def child(argv: list, log: str, fsize: int | None) -> int:

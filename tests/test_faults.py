@@ -145,9 +145,10 @@ def test_the_claim_is_released_when_the_run_fails(reference, tmp_path):
     with pytest.raises(FastftError, match="no field `answer`"):
         run(str(bad), output=str(tmp_path / "out"), echo=lambda *_: None)
     assert not lock_file(tmp_path / "out").exists()
-    with take(tmp_path / "out"):  # the same process, another claim: refused like another process's
-        with pytest.raises(FastftError, match=rf"in use by another fastft run \(process {os.getpid()} "):
-            run(str(recipe), output=str(tmp_path / "out"), echo=lambda *_: None)
+    # The same process, another claim: refused like another process's.
+    refused = pytest.raises(FastftError, match=rf"in use by another fastft run \(process {os.getpid()} ")
+    with take(tmp_path / "out"), refused:
+        run(str(recipe), output=str(tmp_path / "out"), echo=lambda *_: None)
     assert not lock_file(tmp_path / "out").exists()
 
 
@@ -156,7 +157,7 @@ def test_the_claim_is_released_when_the_run_fails(reference, tmp_path):
 
 def test_a_full_disk_during_a_checkpoint_is_one_paragraph_and_the_printed_resume_finishes_the_run(
         runner, reference, tmp_path):
-    """Killed after checkpoint-2, resumed under a 60 KB file-size limit (optimizer.pt needs 89 KB): checkpoint-4 fails."""
+    """Killed after checkpoint-2, resumed under a 60 KB file-size limit: checkpoint-4's optimizer.pt (89 KB) fails."""
     recipe, expected = reference
     out = tmp_path / "out"
     args = ["run", recipe, *SETS, "--output", out]
@@ -224,23 +225,23 @@ def text_in(log: Path, marker: str):
     return lambda: marker in read(log)
 
 
-def unmarked_checkpoint(run_dir: Path):
-    return lambda: any(not (p / COMPLETE_MARK).exists() for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+def unmarked_checkpoint(run_dir: Path, name: str = "checkpoint-*"):
+    return lambda: any(not (p / COMPLETE_MARK).exists() for p in (run_dir / "checkpoints").glob(name))
 
 
 DATA_LINE, MODEL_LINE = "data: 64 train", "model: fastft:tiny"  # printed once the data, the model is ready
 
-# phase -> (the moment that starts it, the longest random wait after it before the kill, in seconds)
-PHASES = {
-    "data preparation": (lambda out, log: lock_file(out).exists, 0.05),
-    "model load": (lambda out, log: text_in(log, DATA_LINE), 0.05),
-    "training step": (lambda out, log: text_in(log, "{'loss'"), 0.5),
-    "checkpoint save": (lambda out, log: unmarked_checkpoint(out), 0.01),
-    "adapter save": (lambda out, log: lambda: any(out.glob(".adapter.tmp-*")), 0.003),
-    "summary": (lambda out, log: lambda: (out / "adapter").exists(), 0.0),
-}
-KILLS = ["data preparation", "model load", "training step", "training step", "checkpoint save", "checkpoint save",
-         "adapter save", "summary"]
+# (the phase aimed at, the moment that starts it, the longest random wait after that moment before the kill, s)
+KILLS = [
+    ("data preparation", lambda out, log: lock_file(out).exists, 0.05),  # the claim is the run's first act
+    ("model load", lambda out, log: text_in(log, DATA_LINE), 0.05),
+    ("training step", lambda out, log: text_in(log, "{'loss'"), 0.3),
+    ("training step", lambda out, log: (out / "checkpoints" / "checkpoint-2" / COMPLETE_MARK).exists, 0.3),
+    ("checkpoint save", lambda out, log: unmarked_checkpoint(out, "checkpoint-2"), 0.01),
+    ("checkpoint save", lambda out, log: unmarked_checkpoint(out, "checkpoint-4"), 0.01),
+    ("adapter save", lambda out, log: lambda: any(out.glob(".adapter.tmp-*")), 0.003),
+    ("summary", lambda out, log: lambda: (out / "adapter").exists(), 0.0),  # a window of a millisecond or less
+]
 
 
 def landed(out: Path, log: str, status: int) -> str:
@@ -270,11 +271,10 @@ def test_kill_9_at_any_moment_loses_nothing(runner, reference, tmp_path):
     recipe, expected = reference
     rng = random.Random(19)
     table = []
-    for i, aim in enumerate(KILLS):
+    for i, (aim, moment, longest) in enumerate(KILLS):
         out, log = tmp_path / f"run{i}", tmp_path / f"run{i}.log"
         args = ["run", recipe, *SETS, "--output", out]
         pid = runner.start(args, log)
-        moment, longest = PHASES[aim]
         if wait_for(moment(out, log), pid):
             time.sleep(rng.uniform(0, longest))
             os.kill(pid, signal.SIGKILL)
