@@ -152,6 +152,21 @@ def test_the_claim_is_released_when_the_run_fails(reference, tmp_path):
     assert not lock_file(tmp_path / "out").exists()
 
 
+def test_old_checkpoints_go_only_once_a_newer_one_is_complete(tmp_path):
+    """The Trainer deleted old checkpoints before marking the new one: a kill in between left none complete."""
+    from fastft.runs import rotate_checkpoints
+
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 is being written
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if complete:
+            (folder / COMPLETE_MARK).write_text("{}")
+    rotate_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+
+
 # --------------------------------------------------------------------------- a full disk
 
 
