@@ -41,8 +41,8 @@ def lock_file(run_dir: Path) -> Path:
 class Claim:
     """A held claim; `release()` (or leaving the `with` block) gives it up."""
 
-    def __init__(self, path: Path | None, fd: int | None, token: str = "", adopted: bool = False):
-        self.path, self.fd, self.token, self.adopted = path, fd, token, adopted
+    def __init__(self, path: Path | None, fd: int | None, token: str = ""):
+        self.path, self.fd, self.token = path, fd, token  # fd: None when the lock is held elsewhere (the launcher)
 
     def keep_across_exec(self) -> None:
         """Keep the lock held by the program this process `execv`s into, and tell its rank 0 how to adopt it."""
@@ -149,7 +149,7 @@ def _adopt(run_dir: Path) -> Claim | None:
     path, _, token = os.environ.get(INHERITED, "").partition("\n")
     if path != str(lock_file(run_dir)) or not token or _holder(Path(path)).get("token") != token:
         return None
-    return Claim(Path(path), None, token, adopted=True)
+    return Claim(Path(path), None, token)
 
 
 def _holder(path: Path, wait: bool = False) -> dict:
