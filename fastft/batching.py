@@ -52,7 +52,7 @@ def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampl
 
     if not len(split):
         raise FastftError("padding_waste: the split has no examples.")
-    lengths = [len(x) for x in split.input_ids]
+    lengths = split.lengths.tolist()
     generator = torch.Generator().manual_seed(seed)
     if sampling == "sequential":
         order = list(range(len(split)))

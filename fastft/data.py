@@ -1,28 +1,29 @@
-"""The one data pipeline every backend uses: read, format, tokenise, mask, truncate.
+"""The one data pipeline every backend uses: read, format, tokenise, mask, truncate, cache.
 
-records (file, line, dict)  ->  segments [(text, carries_loss)]  ->  input_ids + labels
+records (file, line, dict)  ->  segments [(text, carries_loss)]  ->  input_ids + labels (Arrow, cached)
 
 Formatting produces text segments flagged with whether they carry the loss; the
-tokenizer's character offsets then decide each token's label. Two backends given one
-recipe therefore see the same token ids and labels, because neither formats anything
-itself. Every problem with the data is found here, before a model is loaded, and
-reported with the file and line.
+tokenizer's character offsets then decide each token's label (`fastft.tokenized`, which
+also keeps the result in the data cache, so an unchanged input is tokenised once). Two
+backends given one recipe therefore see the same token ids and labels, because neither
+formats anything itself. Every problem with the data is found here, before a model is
+loaded, and reported with the file and line (`fastft.records` reads the files).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import random
-import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from fastft import tokenized
+from fastft.tokenized import loss_spans, tokenize  # noqa: F401 (tokenize is re-exported)
 from fastft.errors import FastftError
 from fastft.recipe import DataConfig, Recipe, template_fields
+from fastft.records import Record, RecordError, iter_records, load_hub, read_records  # noqa: F401 (re-exported)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -36,39 +37,55 @@ ALPACA_PROMPT_WITH_INPUT = (
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
-@dataclass
-class Record:
-    file: str
-    line: int  # 1-based line (jsonl, txt, csv) or item number (json array, parquet, hf)
-    data: dict
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}, line {self.line}"
-
-
-class RecordError(FastftError):
-    """A problem with one record; skippable with `data.on_error = "skip"`."""
-
-
-@dataclass
 class Split:
-    input_ids: list[list[int]] = field(default_factory=list)
-    labels: list[list[int]] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)  # the record each example was made from, when known
+    """One split of the prepared data: a `datasets.Dataset` with `input_ids`, `labels` (-100 where no loss)
+    and `length`, memory-mapped from the data cache, plus the lengths as a numpy array.
+
+    `Split(input_ids, labels)` makes one from lists (tests). The `input_ids` and `labels` properties
+    read the whole split into Python lists, and `records` reads the data files again: for tests,
+    `fastft eval` and small data only.
+    """
+
+    def __init__(self, input_ids: list | None = None, labels: list | None = None, records: list | None = None, *,
+                 dataset=None, lengths=None, source: tuple | None = None, record_numbers=None):
+        import numpy as np
+
+        if dataset is None:
+            from datasets import Dataset
+
+            input_ids, labels = input_ids or [], labels or []
+            dataset = Dataset.from_dict({"input_ids": input_ids, "labels": labels,
+                                         "length": [len(x) for x in input_ids]})
+        self.dataset = dataset
+        self.lengths = np.asarray(lengths if lengths is not None else [len(x) for x in self.input_ids], dtype=np.int64)
+        # where the examples came from: the records themselves, or (paths, DataConfig) and each one's record number
+        self._records, self.source, self.record_numbers = records, source, record_numbers
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.dataset)
 
-    def pick(self, indices: list[int]) -> Split:
-        """The examples at `indices`, in that order."""
-        return Split([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
-                     [self.records[i] for i in indices] if self.records else [])
+    @property
+    def input_ids(self) -> list[list[int]]:
+        return self.dataset.select_columns(["input_ids"])[:]["input_ids"] if len(self) else []
+
+    @property
+    def labels(self) -> list[list[int]]:
+        return self.dataset.select_columns(["labels"])[:]["labels"] if len(self) else []
+
+    @property
+    def records(self) -> list[Record]:
+        """The record each example was made from (read again from the data files), in the split's order."""
+        if self._records is not None or self.source is None:
+            return self._records or []
+        wanted = {int(n): i for i, n in enumerate(self.record_numbers)}
+        found: list = [None] * len(wanted)
+        for n, record in enumerate(iter_records(*self.source)):
+            if n in wanted:
+                found[wanted[n]] = record
+        return found
 
     def to_dataset(self):
-        from datasets import Dataset
-
-        return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
+        return self.dataset
 
 
 @dataclass
@@ -78,88 +95,6 @@ class Prepared:
     stats: dict
     previews: list[list[tuple[str, bool]]]  # first examples as (text, carries_loss) pieces, after truncation
     fingerprint: str
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_records(paths: list[str], cfg: DataConfig) -> list[Record]:
-    """Read every record of every file in `paths`, in order. Raises on unreadable files."""
-    records: list[Record] = []
-    for path in paths:
-        before = len(records)
-        if path.startswith("hf:"):
-            records += _read_hub(path, cfg)
-        else:
-            records += _read_file(Path(path), cfg)
-        if len(records) == before:
-            raise FastftError(f"{path}: the dataset is empty. Point `data.path` at a file with at least one record.")
-    return records
-
-
-def _read_file(path: Path, cfg: DataConfig) -> list[Record]:
-    if path.is_dir():
-        raise FastftError(f"{path} is a folder; `data.path` takes files. List them: `path = [\"a.jsonl\", \"b.jsonl\"]`.")
-    if not path.is_file():
-        raise FastftError(f"{path}: data file not found. `data.path` is resolved relative to the recipe file; check it.")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        return [Record(str(path), i + 1, row) for i, row in enumerate(rows)]
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a BOM is tolerated, not required
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise FastftError(
-            f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}). "
-            "Re-save the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)."
-        ) from None
-    if suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                error = f"not valid JSON ({e.msg} at column {e.colno}); each line of a .jsonl file must be one JSON object"
-                records.append(Record(str(path), n, {"__error__": error}))
-                continue
-            if not isinstance(obj, dict):
-                obj = {"__error__": f"expected a JSON object, got {type(obj).__name__}"}
-            records.append(Record(str(path), n, obj))
-        return records
-    if suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FastftError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-        if not isinstance(items, list):
-            raise FastftError(f"{path}: a .json dataset must be an array of objects; use .jsonl for one object per line.")
-        return [Record(str(path), i + 1, x if isinstance(x, dict) else {"__error__": "expected a JSON object"})
-                for i, x in enumerate(items)]
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [Record(str(path), reader.line_num, row) for row in reader]
-    if suffix == ".txt":
-        return [Record(str(path), n, {cfg.text_field: line})
-                for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    raise FastftError(f"{path}: unsupported data file type `{suffix}`. Use .jsonl, .json, .csv, .parquet or .txt.")
-
-
-def _read_hub(path: str, cfg: DataConfig) -> list[Record]:
-    from datasets import load_dataset
-
-    name = path.removeprefix("hf:")
-    try:
-        ds = load_dataset(name, cfg.config or None, split=cfg.split)
-    except Exception as e:  # the hub raises many types; all mean "cannot get it"
-        raise FastftError(f"data.path = \"{path}\": could not load the dataset ({e}). Check the id, "
-                          "`data.split` and `data.config`, and the network.") from None
-    return [Record(path, i + 1, row) for i, row in enumerate(ds)]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -336,72 +271,188 @@ def prompt_and_answer(record: Record, cfg: DataConfig, tokenizer) -> tuple[str, 
 # --------------------------------------------------------------------------- tokenising
 
 
-def tokenize(segments_list: list[list[tuple[str, bool]]], tokenizer, train_on: str, chat: bool):
-    """Token ids and labels (-100 where no loss) for each example, from character offsets."""
-    if not segments_list:
-        return []
-    texts = ["".join(t for t, _ in segs) for segs in segments_list]
-    # Chat templates write their own BOS; other formats get the tokenizer's special tokens.
-    enc = tokenizer(texts, add_special_tokens=not chat, return_offsets_mapping=True)
-    out = []
-    for segs, ids, offsets in zip(segments_list, enc["input_ids"], enc["offset_mapping"]):
-        spans, pos = [], 0
-        for text, loss in segs:
-            if loss or train_on == "all":
-                spans.append((pos, pos + len(text)))
-            pos += len(text)
-        labels = [
-            tok if end > start and any(a <= start < b for a, b in spans) else -100
-            for tok, (start, end) in zip(ids, offsets)
-        ]
-        out.append((list(ids), labels, offsets))
-    return out
-
-
 def prepare(recipe: Recipe, tokenizer, echo=print) -> Prepared:
-    """Read, format, tokenise and split the recipe's data; raise `FastftError` on any problem."""
-    cfg = recipe.data
-    train_records = read_records(cfg.path, cfg)
-    eval_records = read_records(cfg.eval_path, cfg) if cfg.eval_path else []
-    if cfg.format == "qa":
-        _check_template_fields(train_records, cfg, recipe.source)
-    stats: dict = {}
-    skipped: list[tuple[Record, str]] = []  # with data.on_error = "skip": each bad record and why
-    train, train_previews = _tokenize_records(train_records, recipe, tokenizer, stats, "train", skipped)
-    evals, _ = _tokenize_records(eval_records, recipe, tokenizer, {}, "eval", skipped)
-    stats["skipped_records"] = [r.where for r, _ in skipped]
-    if cfg.eval_fraction:
-        order = list(range(len(train)))
-        random.Random(recipe.train.seed).shuffle(order)
-        n_eval = max(1, math.ceil(len(order) * cfg.eval_fraction))
-        evals, train = train.pick(sorted(order[:n_eval])), train.pick(sorted(order[n_eval:]))
-    lengths = [len(x) for x in train.input_ids]
-    loss_tokens = sum(sum(1 for t in lab if t != -100) for lab in train.labels)
-    stats.update(
-        train_examples=len(train), eval_examples=len(evals), train_tokens=sum(lengths), loss_tokens=loss_tokens,
-        length_min=min(lengths), length_mean=round(statistics.fmean(lengths), 1), length_max=max(lengths),
-        length_p95=sorted(lengths)[int(0.95 * (len(lengths) - 1))],
-    )
-    digest = hashlib.sha256()
-    for ids, labels in zip(train.input_ids + evals.input_ids, train.labels + evals.labels):
-        digest.update(json.dumps([ids, labels]).encode())
-    if skipped:
-        echo(describe_skipped(skipped, len(train_records) + len(eval_records)))
-    return Prepared(train, evals, stats, train_previews, "sha256:" + digest.hexdigest()[:16])
+    """Read, format, tokenise and split the recipe's data; raise `FastftError` on any problem.
+
+    The tokenised data is built once per input into the data cache (`fastft.tokenized`) and
+    loaded from there afterwards; under torchrun one process per machine builds it.
+    """
+    cached, key = _load_or_build(recipe, tokenizer, echo)
+    return _split(recipe, cached, key, echo)
 
 
 def prepare_file(paths: list[str], recipe: Recipe, tokenizer, echo=print) -> Split:
     """Read, format and tokenise data files in the recipe's format as `prepare` does its eval data
     (`fastft eval --data`). Raises `FastftError` naming the file, line and field of a bad record."""
+    import dataclasses
+
+    import numpy as np
+
+    cfg = dataclasses.replace(recipe.data, path=[], eval_path=list(paths), eval_fraction=0.0)
+    cached, _ = _load_or_build(dataclasses.replace(recipe, data=cfg), tokenizer, echo)
+    if cached["skipped"]:
+        echo(describe_skipped([(Record(f, n, {}), why) for f, n, why in cached["skipped"]], cached["records"]))
+    ds = cached["eval"]
+    return _take(ds, np.flatnonzero(ds.data.column("loss_tokens").to_numpy()), (cfg.eval_path, cfg))
+
+
+def _load_or_build(recipe: Recipe, tokenizer, echo) -> tuple[dict, str]:
+    from fastft.distributed import local_main_first
+
     cfg = recipe.data
-    records = read_records(paths, cfg)
-    if cfg.format == "qa":
-        _check_template_fields(records, cfg, recipe.source)
-    skipped: list[tuple[Record, str]] = []
-    split, _ = _tokenize_records(records, recipe, tokenizer, {}, "eval", skipped)
+    section = recipe.to_dict()["data"]
+    section["hub_fingerprints"] = [tokenized.hub_fingerprint(load_hub(p, cfg))
+                                   for p in cfg.path + cfg.eval_path if p.startswith("hf:")]
+    key = tokenized.cache_key(cfg.path + cfg.eval_path, section, tokenizer)
+    with local_main_first():  # the others wait, then load what it published
+        cached = tokenized.load(key)
+        if cached is None:
+            cached = _build(recipe, tokenizer, key, echo)
+        else:
+            echo(f"data: loaded from the cache in {cached['folder']} (unchanged since an earlier run tokenised it)")
+    return cached, key
+
+
+def _build(recipe: Recipe, tokenizer, key: str, echo) -> dict:
+    """Format and tokenise the data into a temporary cache folder, check it, publish it; return it loaded."""
+    import shutil
+    import time
+
+    started, cfg = time.time(), recipe.data
+    tmp = tokenized.new_build_folder(key)
+    try:
+        skipped: list[tuple[Record, str]] = []  # with data.on_error = "skip": each bad record and why
+        train = _render_split(cfg.path, recipe, tokenizer, tmp / "train-text.arrow", "train", skipped)
+        evals = _render_split(cfg.eval_path, recipe, tokenizer, tmp / "eval-text.arrow", "eval", skipped)
+        first = train if train["records"] else evals  # (only evals for `prepare_file`)
+        if cfg.format == "qa" and first["records"]:
+            _check_template_fields(first["seen"], first["first_file"], cfg, recipe.source)
+        meta = {"skipped": [[r.file, r.line, why] for r, why in skipped], "previews": [],
+                "records": train["records"] + evals["records"], "train_files": [], "eval_files": []}
+        rows = 0
+        for split, done in (("train", train), ("eval", evals)):
+            _raise_record_errors(done, split, cfg, skipped)
+            if not done["records"]:
+                continue
+            ds = tokenized.tokenize_file(
+                tmp / f"{split}-text.arrow", split, tokenizer, add_special_tokens=cfg.format != "chat",
+                max_length=cfg.max_length, num_proc=tokenized.processes(cfg.num_proc, done["rows"]),
+                desc=f"Tokenising {split} data")
+            loss = ds.data.column("loss_tokens").to_numpy()
+            if not loss.any():
+                truncated = int((ds.data.column("truncated").to_numpy() > 0).sum())
+                raise FastftError(
+                    f"{done['first_file']}: no token of any {split} example carries the loss "
+                    f"({len(loss)} examples; {truncated} were longer than `data.max_length` = {cfg.max_length}). "
+                    "Raise `data.max_length`, check `data.response_field`, or set `data.train_on = \"all\"`."
+                )
+            if split == "train":
+                meta["previews"] = tokenized.previews(tmp / "train-text.arrow", loss, tokenizer, cfg.format != "chat",
+                                                      cfg.max_length)
+            meta[f"{split}_files"] = [Path(f["filename"]).name for f in ds.cache_files]
+            rows += len(ds)
+            del ds
+        for f in tmp.glob("*-text.arrow"):
+            f.unlink()
+        tokenized.publish(tmp, key, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or killed build leaves nothing to trust
+        raise
+    cached = tokenized.load(key)
+    echo(f"data: tokenised {rows:,} examples in {time.time() - started:.1f} s; cached in {cached['folder']}")
+    return cached
+
+
+def _render_split(paths: list[str], recipe: Recipe, tokenizer, out: Path, split: str, skipped: list) -> dict:
+    """Format every record of `paths` into `out` (text and loss spans) as it is read.
+
+    With `data.on_error = "fail"` the first bad record is kept, not raised: reading goes on, so
+    that an error about a whole file or the template is reported first, as it always was.
+    """
+    from tqdm.auto import tqdm
+
+    cfg, writer = recipe.data, tokenized.TextWriter(out)
+    done = {"records": 0, "rows": 0, "seen": set(), "first_file": "", "first_error": None,
+            "first_skipped": len(skipped)}
+    try:
+        bar = tqdm(iter_records(paths, cfg), desc=f"Formatting {split} data", unit=" examples", mininterval=1.0,
+                   delay=0 if tokenized.show_progress(0) else 3)  # a bar only if it takes a while
+        for r in bar:
+            done["records"] += 1
+            done["first_file"] = done["first_file"] or r.file
+            if cfg.format == "qa":
+                done["seen"].update(r.data)
+            if done["first_error"]:
+                continue
+            try:
+                segments = render(r, cfg, tokenizer)
+            except RecordError as e:
+                if cfg.on_error == "fail":
+                    done["first_error"] = e
+                else:
+                    skipped.append((r, str(e)))
+                continue
+            writer.add("".join(t for t, _ in segments), loss_spans(segments, cfg.train_on), done["records"] - 1)
+    finally:
+        writer.close()
+    done["rows"] = writer.rows
+    return done
+
+
+def _raise_record_errors(done: dict, split: str, cfg: DataConfig, skipped: list) -> None:
+    if done["first_error"]:
+        raise FastftError(f"{done['first_error']} Or set `data.on_error = \"skip\"` to skip bad records.")
+    if done["records"] and not done["rows"]:
+        raise FastftError(f"{done['first_file']}: all {done['records']} {split} records are bad, so nothing is left "
+                          f"to train on. The first: {skipped[done['first_skipped']][1]}")
+
+
+def _split(recipe: Recipe, cached: dict, key: str, echo) -> Prepared:
+    """The train and eval splits of the cached data, their statistics and fingerprint (cheap: no token is read)."""
+    import numpy as np
+
+    cfg = recipe.data
+
+    def numbers(ds, name):
+        return ds.data.column(name).to_numpy() if ds is not None else np.zeros(0, dtype=np.int32)
+
+    train_ds, eval_ds, eval_source = cached["train"], cached["eval"], (cfg.eval_path, cfg)
+    kept = np.flatnonzero(numbers(train_ds, "loss_tokens"))
+    train_rows, eval_rows = kept, np.flatnonzero(numbers(eval_ds, "loss_tokens"))
+    seed = ""
+    if cfg.eval_fraction:
+        order = list(range(len(kept)))
+        random.Random(recipe.train.seed).shuffle(order)
+        held = np.zeros(len(kept), dtype=bool)
+        held[order[: max(1, math.ceil(len(order) * cfg.eval_fraction))]] = True
+        train_rows, eval_rows, eval_ds, seed = kept[~held], kept[held], train_ds, f":seed={recipe.train.seed}"
+        eval_source = (cfg.path, cfg)
+    train, evals = _take(train_ds, train_rows, (cfg.path, cfg)), _take(eval_ds, eval_rows, eval_source)
+    lengths, truncated = train.lengths, numbers(train_ds, "truncated")
+    skipped = [(Record(file, line, {}), why) for file, line, why in cached["skipped"]]
+    stats = dict(
+        truncated_examples=int((truncated > 0).sum()), truncated_tokens=int(truncated.sum()),
+        no_loss_examples=len(truncated) - len(kept), skipped_records=[r.where for r, _ in skipped],
+        train_examples=len(train), eval_examples=len(evals), train_tokens=int(lengths.sum()),
+        loss_tokens=int(numbers(train_ds, "loss_tokens")[train_rows].sum()),
+        length_min=int(lengths.min()), length_mean=round(float(lengths.mean()), 1), length_max=int(lengths.max()),
+        length_p95=int(np.sort(lengths)[int(0.95 * (len(lengths) - 1))]),
+    )
     if skipped:
-        echo(describe_skipped(skipped, len(records)))
-    return split
+        echo(describe_skipped(skipped, cached["records"]))
+    previews = [[tuple(piece) for piece in p] for p in cached["previews"]]  # JSON made the pieces lists
+    fingerprint = "sha256:" + hashlib.sha256(f"{key}{seed}".encode()).hexdigest()[:16]
+    return Prepared(train, evals, stats, previews, fingerprint)
+
+
+def _take(ds, rows, source: tuple) -> Split:
+    """The examples at `rows` of a cached token table, as a Split (no token is read)."""
+    if ds is None or not len(rows):
+        return Split()
+    lengths, numbers = (ds.data.column(name).to_numpy()[rows] for name in ("length", "record"))
+    ds = ds.select_columns(["input_ids", "labels", "length"])
+    return Split(dataset=ds if len(rows) == len(ds) else ds.select(rows), lengths=lengths, source=source,
+                 record_numbers=numbers)
 
 
 def describe_skipped(skipped: list[tuple[Record, str]], total: int) -> str:
@@ -418,78 +469,18 @@ def describe_skipped(skipped: list[tuple[Record, str]], total: int) -> str:
             f"The first: {skipped[0][1]}")
 
 
-def _check_template_fields(records: list[Record], cfg: DataConfig, source: str) -> None:
-    """A placeholder that no record has is a template mistake, not a data one: say so once."""
+def _check_template_fields(seen: set, first_file: str, cfg: DataConfig, source: str) -> None:
+    """A placeholder that no record has (`seen`: every record's fields) is a template mistake, not a data one."""
     import difflib
 
-    seen = set()
-    for r in records:
-        seen |= set(r.data)
-    seen |= {new for new, old in cfg.field_map.items() if old in seen}
+    seen = seen | {new for new, old in cfg.field_map.items() if old in seen}
     fields = sorted(seen - {"__error__"})
     for name in template_fields(cfg.template):
         if name not in seen:
             close = difflib.get_close_matches(name, fields, n=1, cutoff=0.5)
             raise FastftError(
-                f"{source}: `data.template` uses `{{{name}}}`, but no record in {records[0].file} has a field `{name}`"
+                f"{source}: `data.template` uses `{{{name}}}`, but no record in {first_file} has a field `{name}`"
                 + (f" (did you mean `{{{close[0]}}}`?)" if close else "")
                 + f"; the records have {', '.join(f'`{k}`' for k in fields) or 'no fields'}. Fix the template, "
                 f"or map a column with `data.field_map = {{{name} = \"column\"}}`."
             )
-
-
-def _tokenize_records(records, recipe: Recipe, tokenizer, stats: dict, split: str, skipped: list):
-    cfg = recipe.data
-    segments, kept, first_skipped = [], [], len(skipped)
-    for r in records:
-        try:
-            segments.append(render(r, cfg, tokenizer))
-            kept.append(r)
-        except RecordError as e:
-            if cfg.on_error == "fail":
-                raise FastftError(f"{e} Or set `data.on_error = \"skip\"` to skip bad records.") from None
-            skipped.append((r, str(e)))
-    if records and not segments:
-        raise FastftError(f"{records[0].file}: all {len(records)} {split} records are bad, so nothing is left to train "
-                          f"on. The first: {skipped[first_skipped][1]}")
-    result, previews = Split(), []
-    truncated = dropped_tokens = no_loss = 0
-    tokenized = tokenize(segments, tokenizer, cfg.train_on, cfg.format == "chat")
-    for record, segs, (ids, labels, offsets) in zip(kept, segments, tokenized):
-        if len(ids) > cfg.max_length:
-            truncated += 1
-            dropped_tokens += len(ids) - cfg.max_length
-            ids, labels, offsets = ids[: cfg.max_length], labels[: cfg.max_length], offsets[: cfg.max_length]
-        if all(t == -100 for t in labels):
-            no_loss += 1  # e.g. the answer was cut off entirely: nothing to learn
-            continue
-        result.input_ids.append(ids)
-        result.labels.append(labels)
-        result.records.append(record)
-        if len(previews) < 2:
-            previews.append(_pieces("".join(t for t, _ in segs), labels, offsets))
-    if records and not result.input_ids:
-        raise FastftError(
-            f"{records[0].file}: no token of any {split} example carries the loss "
-            f"({no_loss} examples; {truncated} were longer than `data.max_length` = {cfg.max_length}). "
-            "Raise `data.max_length`, check `data.response_field`, or set `data.train_on = \"all\"`."
-        )
-    if split == "train":
-        stats.update(truncated_examples=truncated, truncated_tokens=dropped_tokens, no_loss_examples=no_loss)
-    return result, previews
-
-
-def _pieces(text: str, labels: list[int], offsets) -> list[tuple[str, bool]]:
-    """The example's text cut where the loss starts and stops (for previews)."""
-    pieces: list[tuple[str, bool]] = []
-    shown = 0  # byte-level tokens of one character share its offsets: show it once
-    for lab, (start, end) in zip(labels, offsets):
-        start = max(start, shown)
-        if end <= start:
-            continue
-        shown, loss = end, lab != -100
-        if pieces and pieces[-1][1] == loss:
-            pieces[-1] = (pieces[-1][0] + text[start:end], loss)
-        else:
-            pieces.append((text[start:end], loss))
-    return pieces

@@ -134,6 +134,12 @@ class DataConfig:
     on_error: Literal["fail", "skip"] = doc(
         "fail", "A bad record stops the run (`fail`) or is skipped and reported with its line (`skip`)."
     )
+    num_proc: int = doc(
+        0,
+        "Processes that tokenise the data (with `datasets.map`) when it is not in the data cache yet; 0 means one per "
+        "CPU core, at most 8, with at least 2,000 examples each. The result is the same for any value.",
+        min=0, max=256,
+    )
 
 
 @dataclass
