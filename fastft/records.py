@@ -51,7 +51,8 @@ def iter_records(paths: list[str], cfg: DataConfig) -> Iterator[Record]:
     """
     for path in paths:
         count = 0
-        for count, record in enumerate(_read_hub(path, cfg) if path.startswith("hf:") else _read_file(Path(path), cfg), 1):
+        records = _read_hub(path, cfg) if path.startswith("hf:") else _read_file(Path(path), cfg)
+        for count, record in enumerate(records, 1):
             yield record
         if not count:
             raise FastftError(f"{path}: the dataset is empty. Point `data.path` at a file with at least one record.")

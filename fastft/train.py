@@ -268,7 +268,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
-        train_sampling_strategy=sampling_strategy(recipe.data),  # lengths come from input_ids
+        train_sampling_strategy=sampling_strategy(recipe.data),  # lengths: the data's `length` column
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=None,  # fastft deletes old checkpoints itself, once the new one is complete (MarkComplete)

@@ -252,6 +252,7 @@ def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=Non
     - TRL's fused LM head (chunked log-probs, no full logits) is a Triton kernel for CUDA/XPU;
       elsewhere, and for the stock baseline (`full_logits`), the model computes its own loss.
     - With `embedding_lr`, trained embeddings get their own parameter group and learning rate.
+    - Length grouping reads the lengths from the prepared data's `length` column in one go.
     """
     from transformers import Trainer
 
@@ -264,6 +265,19 @@ def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=Non
                 inputs = dict(inputs, use_cache=False)  # a cache would hide packed rows from the mask code
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            # transformers would read each example's length row by row: minutes for a million examples
+            dataset = self.train_dataset
+            grouped = self.args.train_sampling_strategy == "group_by_length"
+            if (grouped and "length" in getattr(dataset, "column_names", ())
+                    and (train_dataset is None or len(train_dataset) == len(dataset))):
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                lengths = dataset.select_columns(["length"]).with_format("arrow")[:]["length"].to_pylist()
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=lengths)
+            return super()._get_train_sampler(train_dataset)
 
         def create_optimizer(self, model=None):
             if not embedding_lr or self.optimizer is not None:
