@@ -35,7 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT.parent / "shared" / "data" / "alpaca_5000.json"
+# the shared Alpaca sample beside the checkout (../shared/data), or beside the folder of worktrees
+SOURCE = next((p for p in (ROOT.parent / "shared/data/alpaca_5000.json", ROOT.parent.parent / "shared/data/alpaca_5000.json")
+               if p.is_file()), ROOT.parent / "shared/data/alpaca_5000.json")
 
 RECIPE = """[model]
 name = "fastft:tiny"
@@ -138,7 +140,8 @@ def one_size(n: int, source: Path, first_step: bool) -> dict:
         # build fastft:tiny into this cache first, so the cold figure is about the data only
         subprocess.run([sys.executable, "-c", "from fastft.models import resolve_model; resolve_model('fastft:tiny')"],
                        env=env, check=True, capture_output=True)
-        result = {"examples": n, "file_mb": round((tmp / "alpaca.json").stat().st_size / 1e6, 1)}
+        result = {"examples": n, "file_mb": round((tmp / "alpaca.json").stat().st_size / 1e6, 1),
+                  "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
         for phase in ("cold", "warm"):
             m = measure(["-c", PREPARE, str(tmp / "recipe.toml")], env)
             out = json.loads(m["stdout"].strip().splitlines()[-1])
@@ -156,6 +159,7 @@ def one_size(n: int, source: Path, first_step: bool) -> dict:
             print(f"{n:>9,} run: first optimizer step {result['first_step_s']} s after start", flush=True)
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache" / "data").rglob("*") if f.is_file()) / 1e6
         result["cache_mb"] = round(cache_mb, 1)
+        result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
@@ -178,15 +182,17 @@ def markdown(results: list[dict], info: dict) -> str:
         "`fastft:tiny` (byte-level tokenizer, so tokens are bytes), `max_length` 2048, `data.num_proc` at its "
         "default, each measurement in a fresh process with its own data cache.",
         "",
-        "| examples | tokens | cold `prepare` | cold process | warm `prepare` | warm process | peak RSS cold (largest process / sum) | peak RSS warm | examples/s cold | cache on disk |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| examples | tokens | cold `prepare` | cold process | warm `prepare` | warm process | peak RSS cold "
+        "(largest process / sum) | peak RSS warm | examples/s cold | cache on disk | load avg (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c, w = r["cold"], r["warm"]
         lines.append(
             f"| {r['examples']:,} | {r['train_tokens'] / 1e6:.1f} M | {c['prepare_s']} s | {c['process_s']} s | "
             f"{w['prepare_s']} s | {w['process_s']} s | {c['peak_rss_gb']} / {c['peak_rss_sum_gb']} GB | "
-            f"{w['peak_rss_gb']} GB | {r['examples'] / c['prepare_s']:,.0f} | {r['cache_mb']:,.0f} MB |")
+            f"{w['peak_rss_gb']} GB | {r['examples'] / c['prepare_s']:,.0f} | {r['cache_mb']:,.0f} MB | "
+            f"{r['load_average_1min_at_start']}, {r['load_average_1min_at_end']} |")
     steps = [r for r in results if "first_step_s" in r]
     if steps:
         lines += ["", "Time from starting `fastft run` (cache warm, `train.max_steps = 1`, batch size 1) to the end of "

@@ -217,7 +217,7 @@ def check_resumable(run_dir: Path, checkpoint: Path, recipe: Recipe, allow_pickl
 # logged, saved or shown, or how memory is traded for compute, not the numbers trained.
 RESUME_MAY_CHANGE = {"train.output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",
                      "train.eval_steps", "train.report_to", "train.sample_prompt", "train.gradient_checkpointing",
-                     "model.attention"}
+                     "model.attention", "data.num_proc"}  # num_proc: the same examples for any value
 
 
 def check_same_data(checkpoint: Path, fingerprint: str) -> None:

@@ -23,6 +23,7 @@ stay in the table (they are counted) and are left out when the splits are select
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -237,18 +238,15 @@ def tokenize_file(text_file: Path, out_name: str, tokenizer, *, add_special_toke
     """
     from datasets import Dataset
 
-    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     texts = Dataset.from_file(str(text_file))
-    dtype = "int16" if len(tokenizer) <= 32767 else "int32"
-    quiet = not are_progress_bars_disabled() and not show_progress(len(texts))
-    if quiet:
-        disable_progress_bars()
-    try:
-        return _map(texts, text_file, out_name, tokenizer, add_special_tokens, max_length, num_proc, desc, dtype)
-    finally:
-        if quiet:
-            enable_progress_bars()
+    with progress_bars(show_progress(len(texts))):
+        return texts.map(
+            encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=texts.column_names, desc=desc, new_fingerprint=f"{out_name}-{text_file.stat().st_mtime_ns}",
+            cache_file_name=str(text_file.parent / f"{out_name}.arrow"),
+            fn_kwargs=dict(tokenizer=tokenizer, add_special_tokens=add_special_tokens, max_length=max_length,
+                           dtype="int16" if len(tokenizer) <= 32767 else "int32"),
+        )
 
 
 def show_progress(rows: int) -> bool:
@@ -256,13 +254,19 @@ def show_progress(rows: int) -> bool:
     return rows >= 10_000 or sys.stderr.isatty()
 
 
-def _map(texts, text_file, out_name, tokenizer, add_special_tokens, max_length, num_proc, desc, dtype):
-    return texts.map(
-        encode_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=texts.column_names, desc=desc, new_fingerprint=f"{out_name}-{text_file.stat().st_mtime_ns}",
-        cache_file_name=str(text_file.parent / f"{out_name}.arrow"),
-        fn_kwargs=dict(tokenizer=tokenizer, add_special_tokens=add_special_tokens, max_length=max_length, dtype=dtype),
-    )
+@contextlib.contextmanager
+def progress_bars(show: bool):
+    """`datasets`' progress bars off inside the block unless `show` (and unless they are off already)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hide = not show and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
 
 
 def encode_batch(batch: dict, tokenizer, add_special_tokens: bool, max_length: int, dtype: str):
@@ -295,7 +299,8 @@ def label(texts: list[str], spans: list[list[int]], tokenizer, add_special_token
     """
     import numpy as np
 
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    return_attention_mask=False, return_token_type_ids=False)  # lists nobody reads
     ids, offs = enc["input_ids"], enc["offset_mapping"]
     n = len(texts)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
