@@ -13,7 +13,10 @@ Times: `prepare` alone (what the cache saves) and the whole process (imports inc
 Memory: the peak resident set of the busiest process (the child's own rusage, from `os.wait4`
 in the parent: the largest of the preparing process and its tokenising workers) and the peak
 of their sum, sampled every 0.2 s with psutil (forked workers share pages with their
-parent, so the sum overstates it).
+parent, so the sum overstates it). CPU: user + system seconds of the process and its workers
+(from the same rusage); on a machine shared with other jobs the wall times stretch, the CPU
+seconds much less, and CPU seconds / cores is what the wall time would be with the cores free
+and kept busy.
 
 With `--first-step` (on by default), `fastft run` is started on the largest size once its
 cache is warm (`train.max_steps = 1`, batch size 1) and the time from starting the process to
@@ -36,8 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # the shared Alpaca sample beside the checkout (../shared/data), or beside the folder of worktrees
-SOURCE = next((p for p in (ROOT.parent / "shared/data/alpaca_5000.json", ROOT.parent.parent / "shared/data/alpaca_5000.json")
-               if p.is_file()), ROOT.parent / "shared/data/alpaca_5000.json")
+CANDIDATES = (ROOT.parent / "shared/data/alpaca_5000.json", ROOT.parent.parent / "shared/data/alpaca_5000.json")
+SOURCE = next((p for p in CANDIDATES if p.is_file()), CANDIDATES[0])
 
 RECIPE = """[model]
 name = "fastft:tiny"
@@ -127,7 +130,8 @@ def measure(args: list[str], env: dict) -> dict:
     if child.returncode:
         raise SystemExit(f"{args} failed:\n{stderr[-3000:]}")
     return {"wall_s": wall, "started": started, "stdout": stdout, "stderr": stderr,
-            "peak_rss_gb": usage.ru_maxrss / 1e6, "peak_rss_sum_gb": peak_sum / 1e9}
+            "peak_rss_gb": usage.ru_maxrss / 1e6, "peak_rss_sum_gb": peak_sum / 1e9,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def one_size(n: int, source: Path, first_step: bool) -> dict:
@@ -147,15 +151,17 @@ def one_size(n: int, source: Path, first_step: bool) -> dict:
             out = json.loads(m["stdout"].strip().splitlines()[-1])
             result[phase] = {"prepare_s": round(out["prepare_s"], 2), "process_s": round(out["process_s"], 2),
                              "peak_rss_gb": m["peak_rss_gb"] and round(m["peak_rss_gb"], 3),
-                             "peak_rss_sum_gb": round(m["peak_rss_sum_gb"], 3), "said": out["said"]}
+                             "peak_rss_sum_gb": round(m["peak_rss_sum_gb"], 3), "cpu_s": round(m["cpu_s"], 1),
+                             "said": out["said"]}
             result.update(train_examples=out["examples"], train_tokens=out["tokens"])
-            print(f"{n:>9,} {phase}: prepare {out['prepare_s']:.1f} s, process {out['process_s']:.1f} s, "
+            print(f"{n:>9,} {phase}: prepare {out['prepare_s']:.1f} s, process {out['process_s']:.1f} s "
+                  f"(CPU {m['cpu_s']:.0f} s), "
                   f"peak RSS {result[phase]['peak_rss_gb']} GB (sum {result[phase]['peak_rss_sum_gb']} GB)", flush=True)
         if first_step:
             m = measure(["-c", FIRST_STEP, str(tmp / "recipe.toml"), str(tmp / "run")], env)
             stamp = next(line for line in m["stdout"].splitlines() if line.startswith("FIRST_STEP "))
             result["first_step_s"] = round(float(stamp.split()[1]) - m["started"], 2)
-            result["run_wall_s"] = round(m["wall_s"], 2)
+            result["run_wall_s"], result["run_cpu_s"] = round(m["wall_s"], 2), round(m["cpu_s"], 1)
             print(f"{n:>9,} run: first optimizer step {result['first_step_s']} s after start", flush=True)
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache" / "data").rglob("*") if f.is_file()) / 1e6
         result["cache_mb"] = round(cache_mb, 1)
@@ -182,14 +188,15 @@ def markdown(results: list[dict], info: dict) -> str:
         "`fastft:tiny` (byte-level tokenizer, so tokens are bytes), `max_length` 2048, `data.num_proc` at its "
         "default, each measurement in a fresh process with its own data cache.",
         "",
-        "| examples | tokens | cold `prepare` | cold process | warm `prepare` | warm process | peak RSS cold "
+        "| examples | tokens | cold `prepare` | cold process (CPU s) | warm `prepare` | warm process | peak RSS cold "
         "(largest process / sum) | peak RSS warm | examples/s cold | cache on disk | load avg (start, end) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c, w = r["cold"], r["warm"]
         lines.append(
-            f"| {r['examples']:,} | {r['train_tokens'] / 1e6:.1f} M | {c['prepare_s']} s | {c['process_s']} s | "
+            f"| {r['examples']:,} | {r['train_tokens'] / 1e6:.1f} M | {c['prepare_s']} s | "
+            f"{c['process_s']} s ({c['cpu_s']}) | "
             f"{w['prepare_s']} s | {w['process_s']} s | {c['peak_rss_gb']} / {c['peak_rss_sum_gb']} GB | "
             f"{w['peak_rss_gb']} GB | {r['examples'] / c['prepare_s']:,.0f} | {r['cache_mb']:,.0f} MB | "
             f"{r['load_average_1min_at_start']}, {r['load_average_1min_at_end']} |")
@@ -197,7 +204,8 @@ def markdown(results: list[dict], info: dict) -> str:
     if steps:
         lines += ["", "Time from starting `fastft run` (cache warm, `train.max_steps = 1`, batch size 1) to the end of "
                   "its first optimizer step:", ""]
-        lines += [f"- {r['examples']:,} examples: {r['first_step_s']} s" for r in steps]
+        lines += [f"- {r['examples']:,} examples: {r['first_step_s']} s (the whole run: {r['run_wall_s']} s wall, "
+                  f"{r['run_cpu_s']} CPU s)" for r in steps]
     return "\n".join(lines) + "\n"
 
 
