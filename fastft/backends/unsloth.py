@@ -44,7 +44,8 @@ OPTIONS = {
     "model.trust_remote_code": "from_pretrained(trust_remote_code=...)",
     **dict.fromkeys(["data.path", "data.format", "data.template", "data.response_field", "data.field_map",
                      "data.text_field", "data.messages_field", "data.system_prompt", "data.train_on", "data.add_eos",
-                     "data.split", "data.config", "data.eval_path", "data.eval_fraction", "data.on_error"], _DATA),
+                     "data.split", "data.config", "data.eval_path", "data.eval_fraction", "data.on_error",
+                     "data.num_proc"], _DATA),
     "data.max_length": "the shared pipeline truncates; from_pretrained(max_seq_length=...); refused above the "
                        "model's context, where Unsloth would stretch RoPE and `hf` does not",
     "data.packing": "the shared padding-free collator, plus Unsloth's packed_seq_lengths metadata",
