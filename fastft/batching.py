@@ -32,6 +32,43 @@ def sampling_strategy(cfg: DataConfig) -> str:
     return "group_by_length" if cfg.group_by_length and not cfg.packing else "random"
 
 
+class EpochOrder:
+    """The order of the training examples in each epoch: a function of (seed, epoch) alone.
+
+    The Trainer's own samplers draw each epoch's order from the global random state when the
+    epoch starts (the length-grouped one) or from a generator advanced by earlier epochs, so a
+    run resumed after the first epoch saw another order than the uninterrupted run. Here the
+    generator is seeded afresh from `seed + epoch` (accelerate's seedable-sampler convention, so
+    random order is the one accelerate drew) whenever an epoch starts; `set_epoch` is called
+    by the Trainer and the dataloader. Every process computes the same permutation, and
+    accelerate deals its batches out to the processes in turn. `group_size` set: transformers'
+    length-grouped order (random mega-batches, each sorted by length) over groups of
+    `group_size` examples; unset: a random permutation. Packing uses the random one.
+    """
+
+    def __init__(self, n_examples: int, seed: int, lengths: list[int] | None = None, group_size: int = 0):
+        self.n_examples, self.seed, self.lengths, self.group_size = n_examples, seed, lengths, group_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n_examples
+
+    def __iter__(self):
+        return iter(self.order(self.epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.group_size:
+            return list(get_length_grouped_indices(self.lengths, self.group_size, generator=generator))
+        return torch.randperm(self.n_examples, generator=generator).tolist()
+
+
 def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampling: str = "random",
                   grad_accum: int = 1, seed: int = 42) -> dict:
     """How many of the tokens the model computes are padding, over one epoch of `split`.

@@ -277,3 +277,91 @@ def test_pickle_weights_from_elsewhere_need_allow_pickle(reference, tmp_path):
     with pytest.raises(FastftError, match=r"`model\.name` \S*pickled-model holds model weights as pickle "
                                           r"\(pytorch_model\.bin\)"):
         run(str(recipe), overrides=(f"model.name={model}",), output=str(tmp_path / "new"), echo=quiet)
+
+
+# --------------------------------------------------------------------------- exact resume in every epoch
+
+# 4 examples of varied lengths, batch 2: 2 optimizer steps per epoch, 3 epochs. A checkpoint every
+# step; the resumes start from step 3 (halfway through epoch 2) and step 5 (halfway through epoch 3),
+# where the Trainer skips the epoch's first batches (at an epoch's start it restores the random state first).
+EPOCH_STEPS, EPOCHS = 2, 3
+SAMPLINGS = {
+    "random": ("data.group_by_length=false",),
+    "group_by_length": ("data.group_by_length=true",),
+    "packing": ("data.packing=true",),
+}
+EPOCH_OVERRIDES = ("lora.dropout=0.1", "train.batch_size=2", "train.save_steps=1", "train.save_total_limit=6", "train.seed=2")
+
+
+def varied_rows() -> list:
+    return [{"question": f"Question {i} ?", "answer": " ".join(["mot"] * (1 + 3 * i))} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def epoch_references(tmp_path_factory):
+    """One uninterrupted 3-epoch run per sampling: {sampling: (recipe, overrides, run folder)}."""
+    tmp = tmp_path_factory.mktemp("epochs")
+    recipe = tiny_recipe(tmp, steps=EPOCH_STEPS * EPOCHS, rows=varied_rows())
+    refs = {}
+    for sampling, extra in SAMPLINGS.items():
+        overrides = EPOCH_OVERRIDES + extra
+        refs[sampling] = recipe, overrides, run(str(recipe), overrides=overrides, output=str(tmp / sampling),
+                                               echo=quiet)
+    return refs
+
+
+def adapter_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+@pytest.mark.parametrize("step", [3, 5], ids=["epoch2", "epoch3"])
+def test_resume_in_a_later_epoch_gives_the_uninterrupted_adapter_exactly(epoch_references, sampling, step, tmp_path):
+    recipe, overrides, ref = epoch_references[sampling]
+    run_dir = copy_run(ref, tmp_path / "run", keep=step)
+    run(str(recipe), overrides=overrides, output=str(run_dir), resume=True, echo=quiet)
+    assert summary(run_dir)["resumed_from"].endswith(f"checkpoint-{step}")
+    resumed, expected = adapter_weights(run_dir), adapter_weights(ref)
+    assert resumed.keys() == expected.keys() and expected
+    worst = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst == 0, f"resumed at step {step} ({sampling}): adapter differs by up to {worst}"
+    end = f"checkpoint-{EPOCH_STEPS * EPOCHS}"
+    assert losses(run_dir / "checkpoints" / end) == losses(ref / "checkpoints" / end)
+
+
+@pytest.mark.parametrize("group_size", [0, 2], ids=["random", "group_by_length"])
+def test_each_epochs_order_depends_on_seed_and_epoch_alone(group_size):
+    """Whatever ran before (earlier epochs, other draws from the global random state), epoch e has one order;
+    under 2 processes, each process's batches are its turn of that same order, also when a resumed
+    epoch skips its first batches."""
+    import torch
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader
+
+    from fastft.batching import EpochOrder
+
+    lengths = [3, 9, 4, 7, 1, 8, 2, 6, 5, 10, 12, 11]
+    through = EpochOrder(len(lengths), seed=3, lengths=lengths, group_size=group_size)
+    orders = []
+    for epoch in range(3):
+        through.set_epoch(epoch)
+        orders.append(list(through))
+        torch.rand(100)  # training draws from the global random state between epochs
+    fresh = EpochOrder(len(lengths), seed=3, lengths=lengths, group_size=group_size)
+    torch.manual_seed(12345)
+    fresh.set_epoch(2)
+    assert list(fresh) == orders[2]
+    assert sorted(orders[2]) == list(range(len(lengths))) and len({tuple(o) for o in orders}) == 3
+    if not group_size:  # random order is the one accelerate's seedable sampler drew (seed + epoch)
+        assert orders[1] == torch.randperm(len(lengths), generator=torch.Generator().manual_seed(4)).tolist()
+
+    batches = [orders[2][i:i + 2] for i in range(0, len(lengths), 2)]
+    for rank in range(2):
+        order = EpochOrder(len(lengths), seed=3, lengths=lengths, group_size=group_size)
+        loader = prepare_data_loader(DataLoader(list(range(len(lengths))), batch_size=2, sampler=order),
+                                     num_processes=2, process_index=rank, put_on_device=False)
+        loader = skip_first_batches(loader, 1)  # resumed after this process's first batch of epoch 2
+        order.set_epoch(2)  # what the trainer's _run_epoch does
+        assert [b.tolist() for b in loader] == batches[2 + rank::2]

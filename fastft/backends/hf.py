@@ -252,7 +252,9 @@ def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=Non
     - TRL's fused LM head (chunked log-probs, no full logits) is a Triton kernel for CUDA/XPU;
       elsewhere, and for the stock baseline (`full_logits`), the model computes its own loss.
     - With `embedding_lr`, trained embeddings get their own parameter group and learning rate.
-    - Length grouping reads the lengths from the prepared data's `length` column in one go.
+    - Each epoch's data order is a function of (seed, epoch) alone (`fastft.batching.EpochOrder`),
+      so `--resume` continues any epoch with the order the uninterrupted run had. Length grouping
+      reads the lengths from the prepared data's `length` column in one go.
     """
     from transformers import Trainer
 
@@ -267,17 +269,29 @@ def trainer_class(embedding_lr: float = 0.0, full_logits: bool = False, base=Non
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
-            # transformers would read each example's length row by row: minutes for a million examples
-            dataset = self.train_dataset
-            grouped = self.args.train_sampling_strategy == "group_by_length"
-            if (grouped and "length" in getattr(dataset, "column_names", ())
-                    and (train_dataset is None or len(train_dataset) == len(dataset))):
-                from transformers.trainer_pt_utils import LengthGroupedSampler
+            from fastft.batching import EpochOrder
 
-                lengths = dataset.select_columns(["length"]).with_format("arrow")[:]["length"].to_pylist()
-                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            lengths=lengths)
-            return super()._get_train_sampler(train_dataset)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            strategy = self.args.train_sampling_strategy
+            if strategy not in ("random", "group_by_length"):
+                return super()._get_train_sampler(train_dataset)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            lengths = None
+            if strategy == "group_by_length":  # row by row would take minutes for a million examples
+                lengths = (dataset.select_columns(["length"]).with_format("arrow")[:]["length"].to_pylist()
+                           if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]])
+            # Grouped over the examples of one optimizer step on all processes (the Trainer groups per
+            # process), so N processes see the batches one process sees with the same global batch.
+            step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            self.epoch_order = EpochOrder(len(dataset), seed, lengths, group_size=step if lengths else 0)
+            return self.epoch_order
+
+        def _run_epoch(self, *args, **kwargs):
+            # The Trainer passes the epoch on through the dataloader's set_epoch, which does not reach
+            # the sampler when several processes resume mid-epoch (accelerate's skip and shard wrappers).
+            if getattr(self, "epoch_order", None) is not None:
+                self.epoch_order.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(*args, **kwargs)
 
         def create_optimizer(self, model=None):
             if not embedding_lr or self.optimizer is not None:
