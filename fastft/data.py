@@ -213,13 +213,23 @@ def render_prompt(text: str, cfg: DataConfig, tokenizer) -> str:
 def build_prompt(text: str, recipe: Recipe | None, tokenizer) -> tuple[str, list[int]]:
     """The prompt text and token ids for user text `text`, exactly as training put them before an answer.
 
-    Chat templates write their own special tokens; other formats get the tokenizer's, as in
-    `fastft.data.tokenize`. Without a recipe, `text` is used as is.
+    A token that overlaps the answer carries the loss (`tokenize`), so with a BPE vocabulary the
+    first answer token can start inside the prompt (the space of `"Answer: {answer}"` in `" La"`);
+    the prompt then ends before it. The ids are found by tokenising the prompt with a probe answer
+    (a word, as most answers start) and keeping the tokens before the first loss-carrying one:
+    special tokens only where training added them. The text is the part of the prompt they cover
+    (the rest of it starts the answer). Without a recipe, `text` is used as is.
     """
     if recipe is None:
         return text, tokenizer(text)["input_ids"]
-    prompt = render_prompt(text, recipe.data, tokenizer)
-    return prompt, tokenizer(prompt, add_special_tokens=recipe.data.format != "chat")["input_ids"]
+    cfg = recipe.data
+    prompt = render_prompt(text, cfg, tokenizer)
+    if cfg.format == "text":  # a continuation: nothing marks where an answer starts
+        return prompt, tokenizer(prompt)["input_ids"]
+    ((ids, labels, offsets),) = tokenize([[(prompt, False), ("Answer", True)]], tokenizer, "completion",
+                                         cfg.format == "chat")
+    first = next(i for i, label in enumerate(labels) if label != -100)
+    return prompt[: offsets[first][0]], list(ids[:first])
 
 
 def stop_token_ids(recipe: Recipe | None, tokenizer) -> list[int]:

