@@ -144,7 +144,8 @@ def train(engine, recipe: Recipe, plan, tokenizer, data, run_dir: Path, checkpoi
         trainer = engine.make_trainer(
             recipe, model, tokenizer, data.train.to_dataset(), data.eval.to_dataset() if len(data.eval) else None,
             training_arguments(recipe, run_dir, eval_data=len(data.eval) > 0),
-            callbacks=[MarkComplete(data.fingerprint, keep=recipe.train.save_total_limit), stopper, watch, *callbacks],
+            callbacks=[MarkComplete(data.fingerprint, keep=recipe.train.save_total_limit), CurrentSchedule(), stopper,
+                       watch, *callbacks],
         )
         if not opened:
             open_folder()
@@ -305,6 +306,17 @@ def fsdp_arguments(recipe: Recipe) -> dict:
         "state_dict_type": "FULL_STATE_DICT",  # checkpoints hold the whole (small) adapter, gathered on rank 0
         "cpu_ram_efficient_loading": False,  # each process loads the 4-bit model onto its GPU, then it is sharded
     })
+
+
+class CurrentSchedule(Callback):
+    """Log, evaluate and save at the recipe's steps also after --resume.
+
+    The Trainer restores its state from the checkpoint, logging/eval/save steps included, so
+    changes to them (allowed on resume: `fastft.runs.RESUME_MAY_CHANGE`) would be silently ignored.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class StopOnSignal(Callback):

@@ -75,6 +75,10 @@ BAD_INPUTS = {
         case(replace={"data.jsonl": "nope.jsonl"}),
         [r"nope\.jsonl: data file not found. `data\.path` is resolved relative to the recipe file"],
     ),
+    "data_path_is_a_folder": (  # the folder that holds data.jsonl
+        case(replace={'/data.jsonl"': '"'}),
+        [r"error: /\S*pa0 is a folder; `data\.path` takes files\. List them: `path = \[\"a\.jsonl\", "],
+    ),
     "empty_dataset": (
         case(lines=[b"", b"  "]),
         [r"data\.jsonl: the dataset is empty"],

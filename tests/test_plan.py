@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, RECIPES, tiny_recipe
 from fastft.errors import FastftError
 from fastft.memory import GIB, RESERVED_PER_ALLOCATED, UNSLOTH_LOSS_GIB, Job, Setup, Shape, estimate, model_shape, relative_speed
-from fastft.plan import FALLBACK_STEPS, make_plan, plan_for_run
+from fastft.plan import FALLBACK_STEPS, make_plan, plan_for_run, recipe_setting
 from fastft.train import train_with_fallback
 from fastft.recipe import ModelConfig, recipe_from_dict
 
@@ -73,11 +73,25 @@ def _calibration_case(point):
 
 @pytest.mark.parametrize("point", CALIBRATION, ids=lambda p: f"{p['model']}-{p['backend']}-{p['quantization']}-"
                                                              f"{p['checkpointing']}")
-def test_model_within_15_percent_of_the_points_it_was_fitted_to(point):
-    # These measurements set the FITTED constants: a check of the fit, not an independent validation.
+def test_model_within_5_percent_of_the_points_it_was_fitted_to(point):
+    # All nine measurements set the FITTED constants and none is held out: a check of the fit, not an
+    # independent validation. The worst point (stock HF) is 4.0% off; 5% leaves room for the measurements'
+    # rounding to 0.1 GiB and nothing more.
     job, setup = _calibration_case(point)
     predicted = sum(estimate(job, setup).values()) / GIB
-    assert predicted == pytest.approx(point["peak_allocated_gib"], rel=0.15)
+    assert predicted == pytest.approx(point["peak_allocated_gib"], rel=0.05)
+
+
+def test_readme_calibration_table_is_the_data_and_the_model():
+    """Each row of the README's table: the measured figure of a calibration point and the model's prediction."""
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.split("| point (H100, LoRA r=16 all linear)")[1].splitlines()[2:]
+    rows = lines[: next(i for i, line in enumerate(lines) if not line.startswith("|"))]
+    assert len(rows) == len(CALIBRATION)
+    for line, point in zip(rows, CALIBRATION):
+        measured, predicted = (float(cell.split()[0]) for cell in line.strip("|").split("|")[1:])
+        assert measured == point["peak_allocated_gib"], line
+        assert predicted == round(sum(estimate(*_calibration_case(point)).values()) / GIB, 2), line
 
 
 def test_speed_model_reproduces_the_measured_ratios():
@@ -91,7 +105,7 @@ def test_speed_model_reproduces_the_measured_ratios():
                 if a is not b:
                     measured = a["tokens_per_second"] / b["tokens_per_second"]
                     predicted = relative_speed(*_calibration_case(a)) / relative_speed(*_calibration_case(b))
-                    assert predicted == pytest.approx(measured, rel=0.10), (a, b)
+                    assert predicted == pytest.approx(measured, rel=0.05), (a, b)  # the worst is 3.2% off
                     pairs += 1
     assert pairs >= 12
 
@@ -165,7 +179,15 @@ def test_run_resolves_only_auto_settings_for_the_gpu_memory():
     assert planned.model.quantization == "4bit"
     assert recipe.train.batch_size == "auto"  # the recipe itself is left as written
     assert messages and messages[0].startswith("plan: micro-batch")
-    assert json.dumps(plan.summary())  # what fastft.json records
+    summary = json.loads(json.dumps(plan.summary()))  # what fastft.json records, as JSON
+    chosen = summary["chosen"]
+    assert (chosen["micro_batch"], chosen["grad_accum"]) == (t.batch_size, t.grad_accum)
+    assert recipe_setting(chosen["gradient_checkpointing"]) == t.gradient_checkpointing
+    assert chosen["quantization"] == "4bit" and summary["global_batch"] == 8
+    assert chosen["predicted_peak_reserved_gib"] <= summary["usable_gib"] < 16  # fits what it was given
+    assert chosen["predicted_peak_reserved_gib"] == round(plan.chosen.reserved_gib, 2) > 0
+    assert summary["budget"] == plan.budget_note and "16" in summary["budget"]
+    assert summary["fallbacks"] == [] and summary["fixed_by_recipe"] == plan.fixed
     not_auto = auto_recipe(batch_size=8, global_batch_size=0, gradient_checkpointing=True)
     assert plan_for_run(not_auto, "unsloth", {"length_max": 2048}, echo=messages.append) == (not_auto, None)
 

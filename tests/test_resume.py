@@ -250,6 +250,24 @@ def test_resume_refuses_a_changed_recipe_or_changed_data(reference, tmp_path):
         run(str(changed), overrides=OVERRIDES, output=str(run_dir), resume=True, echo=quiet)
 
 
+def test_resume_accepts_changed_logging_saving_and_reporting(reference, tmp_path):
+    """The keys that change only what is logged, saved or reported may differ on --resume; the run ends on
+    the uninterrupted adapter exactly."""
+    from safetensors.torch import load_file
+
+    recipe, ref = reference
+    run_dir = copy_run(ref, tmp_path / "run", keep=6)
+    changed = ("lora.dropout=0.1", "train.save_steps=1", "train.save_total_limit=3", "train.logging_steps=2",
+               "train.report_to=tensorboard", "train.eval_steps=5", 'train.sample_prompt="Combien font 1 et 2 ?"')
+    run(str(recipe), overrides=changed, output=str(run_dir), resume=True, echo=quiet)
+    assert summary(run_dir)["steps"] == STEPS and summary(run_dir)["resumed_from"].endswith("checkpoint-6")
+    assert (run_dir / "checkpoints" / "checkpoint-7" / COMPLETE_MARK).exists()  # the new save_steps applied
+    history = json.loads((run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h][-3:] == [5, 6, 8]  # and the new logging_steps
+    resumed, expected = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (run_dir, ref))
+    assert resumed.keys() == expected.keys() and all(resumed[k].equal(expected[k]) for k in expected)
+
+
 def test_pickle_weights_from_elsewhere_need_allow_pickle(reference, tmp_path):
     """A checkpoint whose adapter is a pickle (.bin), or a base model with only pickle weights, is refused."""
     import torch

@@ -438,3 +438,46 @@ def test_fast_path_switches_unsloth_cannot_honour_are_refused(override):
     recipe = load_recipe(RECIPES / "fusion_fr.toml", ["model.name=fastft:tiny", override])
     with pytest.raises(FastftError, match=f"`{override.split('=')[0]}` = {override.split('=')[1]}: .*--backend hf"):
         backend.load_arguments(recipe, "unused", config=None)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+@pytest.mark.parametrize("name", ["hf", "unsloth"])
+def test_embedding_learning_rate_reaches_the_optimizers_parameter_groups(name, tmp_path, monkeypatch):
+    """Each backend's make_trainer builds an optimizer whose trained embeddings (modules_to_save) have
+    `train.embedding_learning_rate` and no weight decay, and whose LoRA weights have the recipe's."""
+    import types
+
+    from trl import SFTConfig, SFTTrainer
+
+    from fastft.backends.hf import HFBackend
+    from fastft.data import prepare
+    from fastft.models import load_tokenizer, resolve_model
+    from fastft.train import training_arguments
+
+    recipe = load_recipe(tiny_recipe(tmp_path), ["lora.modules_to_save=['embed_tokens', 'lm_head']",
+                                                 "train.embedding_learning_rate=2e-5", "train.weight_decay=0.01"])
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare(recipe, tokenizer, echo=lambda *a: None)
+    model = HFBackend().load_model(recipe, resolve_model(recipe.model.name))
+    if name == "unsloth":
+        # Importing Unsloth needs a CUDA GPU. Its trainer and arguments are subclasses of TRL's; these stand in
+        # for them so that the unsloth backend's own make_trainer (and the grouping it installs) runs here.
+        fake = types.ModuleType("unsloth")
+        fake.UnslothTrainer = type("UnslothTrainer", (SFTTrainer,), {})
+        fake.UnslothTrainingArguments = type("UnslothTrainingArguments", (SFTConfig,), {})
+        monkeypatch.setitem(sys.modules, "unsloth", fake)
+        engine = backend.make()
+    else:
+        engine = HFBackend()
+    trainer = engine.make_trainer(recipe, model, tokenizer, data.train.to_dataset(), None,
+                                  training_arguments(recipe, tmp_path / "run", eval_data=False), callbacks=[])
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    groups = {(g["lr"], g["weight_decay"]): sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert set(groups) == {(2e-5, 0.0), (1e-3, 0.01)}
+    embeddings, rest = groups[(2e-5, 0.0)], groups[(1e-3, 0.01)]
+    assert embeddings == sorted(n for n in names.values() if "modules_to_save" in n)
+    assert any("embed_tokens" in n for n in embeddings) and any("lm_head" in n for n in embeddings)
+    assert rest and all("lora_" in n for n in rest) and len(embeddings) + len(rest) == len(names)
