@@ -74,29 +74,23 @@ def padding_waste(split: Split, tokenizer, batch_size: int, packing: bool, sampl
     """How many of the tokens the model computes are padding, over one epoch of `split`.
 
     Micro-batches of `batch_size` examples are built by the real collator (`make_collator`) in
-    the order of transformers' sampler for `sampling` (`random`, `sequential` or
-    `group_by_length`, which groups over `batch_size * grad_accum` as the Trainer does), with
-    a generator seeded by `seed`. The Trainer draws its permutation from its own random state,
-    so its batches are different ones with the same statistics. One process; the last batch
-    is kept. The collator is fed zeros of each example's length: the shapes it returns depend
+    the order the Trainer uses in its first epoch (`EpochOrder` for `random` and
+    `group_by_length`, which groups over `batch_size * grad_accum`; or `sequential`), seeded
+    by `seed`. One process; the last batch is kept. The collator is fed zeros of each example's length: the shapes it returns depend
     on lengths only, and converting the real token lists would cost seconds per 5,000 examples.
     Returns `real_tokens`, `computed_tokens` (input_ids elements, padding included),
     `padding_tokens` and `padding_fraction` (padding / computed).
     """
     import numpy as np
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
 
     if not len(split):
         raise FastftError("padding_waste: the split has no examples.")
     lengths = split.lengths.tolist()
-    generator = torch.Generator().manual_seed(seed)
     if sampling == "sequential":
         order = list(range(len(split)))
-    elif sampling == "random":
-        order = torch.randperm(len(split), generator=generator).tolist()
-    elif sampling == "group_by_length":
-        order = list(LengthGroupedSampler(batch_size * grad_accum, lengths=lengths, generator=generator))
+    elif sampling in ("random", "group_by_length"):
+        group = batch_size * grad_accum if sampling == "group_by_length" else 0
+        order = EpochOrder(len(split), seed, lengths, group).order(0)
     else:
         raise FastftError(f"padding_waste: unknown sampling `{sampling}`; use random, sequential or group_by_length.")
     collate = make_collator(tokenizer, packing)

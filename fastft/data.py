@@ -25,6 +25,7 @@ from fastft.errors import FastftError
 from fastft.recipe import DataConfig, Recipe, template_fields
 from fastft.records import Record, RecordError, iter_records, load_hub, read_records  # noqa: F401 (re-exported)
 
+# alpaca-lora's prompt (templates/alpaca.json): Stanford Alpaca's, with a newline after "### Response:".
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"

@@ -5,6 +5,8 @@ check that generation reproduces the trained behaviour and stops where training 
 """
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,11 +29,11 @@ def run_dir(tmp_path_factory):
     from fastft.train import run
 
     folder = tmp_path_factory.mktemp("export")
-    recipe = tiny_recipe(folder, steps=12, rows=ROWS)
+    recipe = tiny_recipe(folder, steps=12, rows=ROWS + [{"question": "Sans réponse ?"}])  # line 17 is skipped
     # A high learning rate on a 4-bit base: the adapter must move the logits for the checks to mean anything.
     # 12 steps put "Oui." and the EOS ahead of every other token by at least 0.4 logits at each step.
     return run(str(recipe), output=str(folder / "run"), echo=lambda *a: None,
-               overrides=("model.quantization=4bit", "train.learning_rate=2e-2"))
+               overrides=("model.quantization=4bit", "train.learning_rate=2e-2", "data.on_error=skip"))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +219,129 @@ def test_bad_sources_and_outputs_are_clear_errors(run_dir, tmp_path, monkeypatch
     with pytest.raises(FastftError, match="LLAMA_CPP_DIR"):
         mg.merge(run_dir, tmp_path / "gguf", gguf=True, echo=lambda *a: None)
     assert not (tmp_path / "gguf").exists()
+
+
+def quiet(*_):
+    pass
+
+
+def test_skipped_records_are_listed_in_fastft_json(run_dir):
+    data = json.loads((run_dir / "fastft.json").read_text())["data"]
+    assert data["skipped_records"] == [f"{run_dir.parent / 'data.jsonl'}, line 17"]
+    assert data["train_examples"] == len(ROWS)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A copy of the tiny base with other MLP weights, and a generation config with two more EOS ids."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("other-base") / "tiny-copy"
+    shutil.copytree(resolve_model("fastft:tiny"), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v * 1.5 if ".mlp." in k else v for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    generation = json.loads((folder / "generation_config.json").read_text())
+    generation["eos_token_id"] = [5, generation["eos_token_id"], 6]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+def cli(monkeypatch, capsys, *args) -> tuple:
+    """`fastft ARGS` in this process: (exit code, stdout, stderr)."""
+    from fastft.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fastft", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, " ".join(out.err.split())
+
+
+def test_merge_base_overwrite_and_the_bases_other_eos_ids(exported, merged, other_base, tmp_path, monkeypatch,
+                                                          capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "earlier.txt").write_text("an earlier merge")
+    args = ("merge", exported, "--out", out, "--dtype", "fp32", "--base", other_base)
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 2 and "already exists and is not empty" in err and (out / "earlier.txt").exists()
+    code, stdout, err = cli(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert not (out / "earlier.txt").exists() and "fidelity" in stdout  # replaced, and checked
+
+    # The weights came from --base: the merge equals that base + the adapter, not the recorded base's merge.
+    ids = list(range(3, 60))
+    reference = _logits(PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(other_base, dtype=torch.float32), exported), ids)
+    ours = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+    assert (ours - reference).abs().max() < 1e-4
+    assert (ours - _logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), ids)).abs().max() > 0.1
+    assert json.loads((out / "fastft.json").read_text())["base_model"] == str(other_base)
+    # The trained stop token first, then the base's other EOS ids, each once.
+    im_end = load_tokenizer(ex.locate(exported).recipe.model).convert_tokens_to_ids("<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [im_end, 5, 6]
+
+
+def test_merge_refuses_a_pre_quantised_base(exported, other_base, tmp_path):
+    quantised = tmp_path / "quantised"
+    shutil.copytree(other_base, quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantised / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FastftError, match=r"is stored pre-quantised \(bitsandbytes\).*16-bit original"):
+        ex.merge(exported, tmp_path / "out", base=str(quantised), echo=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_16_bit_merges_pass_their_tolerance(exported, tmp_path, dtype):
+    out = ex.merge(exported, tmp_path / dtype, dtype=dtype, echo=quiet)
+    fidelity = json.loads((out / "fastft.json").read_text())["fidelity"]
+    assert fidelity["dtype"] == dtype and fidelity["tolerance"] == ex.TOLERANCE[dtype]
+    # Rounding to 16 bits changes the logits (so the check measures something) but by less than allowed.
+    assert 0 < fidelity["max_abs_logit_diff"] <= ex.TOLERANCE[dtype] * max(1.0, fidelity["max_abs_logit"])
+    weights = json.loads((out / "config.json").read_text())
+    assert weights["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+
+
+def test_readme_quotes_the_tolerances_and_the_measured_fidelity():
+    """The README's tolerance table: the tolerances in the code, and the figures of the committed measurement
+    (benchmarks/merge_fidelity.py -> benchmarks/results/merge-fidelity.json)."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    measured = json.loads((ROOT / "benchmarks" / "results" / "merge-fidelity.json").read_text())["fidelity"]
+    for dtype in ("fp32", "fp16", "bf16"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{dtype}` |"))
+        _, allowed, figures = (cell.strip() for cell in row.strip("|").split("|"))
+        assert allowed == f"{ex.TOLERANCE[dtype]:.0e}".replace("e-0", "e-") + " x max(1, largest \\|logit\\|)"
+        r = measured[dtype]
+        limit = r["tolerance"] * max(1.0, r["max_abs_logit"])
+        quoted = f"{r['max_abs_logit_diff']:.2g} / {limit:.2g}"
+        assert figures.startswith(quoted), (row, quoted)
+        assert f"greedy tokens agree at {r['greedy_agreement']:.0%}" in figures
+
+
+def test_generate_from_an_export_folder_with_sampling_settings(exported, monkeypatch, capsys):
+    # From the export folder: the trained answer, greedily.
+    (greedy,) = ex.generate(exported, [QUESTION], max_new_tokens=40)
+    assert greedy.answer == "Oui." and greedy.stopped
+    # --seed: the same seed draws the same answer (seeded per prompt); --temperature 5 makes draws differ.
+    hot = {seed: ex.generate(exported, [QUESTION, QUESTION], max_new_tokens=12, temperature=5.0, seed=seed)
+           for seed in (1, 2)}
+    assert hot[1][0].answer_ids == hot[1][1].answer_ids and hot[2][0].answer_ids == hot[2][1].answer_ids
+    assert hot[1][0].answer_ids != hot[2][0].answer_ids != greedy.answer_ids
+    # --top-p: a nucleus this small keeps only the most likely token, which is greedy decoding again.
+    code, out, err = cli(monkeypatch, capsys, "generate", exported, "--prompt", QUESTION, "--temperature", "5",
+                         "--top-p", "1e-6", "--seed", "3", "--max-new-tokens", "40")
+    assert code == 0, err
+    assert out == "Oui.\n"
+    with pytest.raises(FastftError, match="--top-p in"):
+        ex.generate(exported, [QUESTION], temperature=1.0, top_p=0)
