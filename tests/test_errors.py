@@ -77,7 +77,7 @@ BAD_INPUTS = {
     ),
     "data_path_is_a_folder": (  # the folder that holds data.jsonl
         case(replace={'/data.jsonl"': '"'}),
-        [r"error: /\S*pa0 is a folder; `data\.path` takes files\. List them: `path = \[\"a\.jsonl\", "],
+        [r"error: /\S*pa\d+ is a folder; `data\.path` takes files\. List them: `path = \[\"a\.jsonl\", "],
     ),
     "empty_dataset": (
         case(lines=[b"", b"  "]),

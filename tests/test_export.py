@@ -296,17 +296,17 @@ def test_merge_refuses_a_pre_quantised_base(exported, other_base, tmp_path):
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantised / "config.json").write_text(json.dumps(config))
     with pytest.raises(FastftError, match=r"is stored pre-quantised \(bitsandbytes\).*16-bit original"):
-        ex.merge(exported, tmp_path / "out", base=str(quantised), echo=quiet)
+        mg.merge(exported, tmp_path / "out", base=str(quantised), echo=quiet)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_16_bit_merges_pass_their_tolerance(exported, tmp_path, dtype):
-    out = ex.merge(exported, tmp_path / dtype, dtype=dtype, echo=quiet)
+    out = mg.merge(exported, tmp_path / dtype, dtype=dtype, echo=quiet)
     fidelity = json.loads((out / "fastft.json").read_text())["fidelity"]
-    assert fidelity["dtype"] == dtype and fidelity["tolerance"] == ex.TOLERANCE[dtype]
+    assert fidelity["dtype"] == dtype and fidelity["tolerance"] == mg.TOLERANCE[dtype]
     # Rounding to 16 bits changes the logits (so the check measures something) but by less than allowed.
-    assert 0 < fidelity["max_abs_logit_diff"] <= ex.TOLERANCE[dtype] * max(1.0, fidelity["max_abs_logit"])
+    assert 0 < fidelity["max_abs_logit_diff"] <= mg.TOLERANCE[dtype] * max(1.0, fidelity["max_abs_logit"])
     weights = json.loads((out / "config.json").read_text())
     assert weights["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
 
@@ -321,7 +321,7 @@ def test_readme_quotes_the_tolerances_and_the_measured_fidelity():
     for dtype in ("fp32", "fp16", "bf16"):
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{dtype}` |"))
         _, allowed, figures = (cell.strip() for cell in row.strip("|").split("|"))
-        assert allowed == f"{ex.TOLERANCE[dtype]:.0e}".replace("e-0", "e-") + " x max(1, largest \\|logit\\|)"
+        assert allowed == f"{mg.TOLERANCE[dtype]:.0e}".replace("e-0", "e-") + " x max(1, largest \\|logit\\|)"
         r = measured[dtype]
         limit = r["tolerance"] * max(1.0, r["max_abs_logit"])
         quoted = f"{r['max_abs_logit_diff']:.2g} / {limit:.2g}"
@@ -331,10 +331,10 @@ def test_readme_quotes_the_tolerances_and_the_measured_fidelity():
 
 def test_generate_from_an_export_folder_with_sampling_settings(exported, monkeypatch, capsys):
     # From the export folder: the trained answer, greedily.
-    (greedy,) = ex.generate(exported, [QUESTION], max_new_tokens=40)
+    (greedy,) = gen.generate(exported, [QUESTION], max_new_tokens=40)
     assert greedy.answer == "Oui." and greedy.stopped
     # --seed: the same seed draws the same answer (seeded per prompt); --temperature 5 makes draws differ.
-    hot = {seed: ex.generate(exported, [QUESTION, QUESTION], max_new_tokens=12, temperature=5.0, seed=seed)
+    hot = {seed: gen.generate(exported, [QUESTION, QUESTION], max_new_tokens=12, temperature=5.0, seed=seed)
            for seed in (1, 2)}
     assert hot[1][0].answer_ids == hot[1][1].answer_ids and hot[2][0].answer_ids == hot[2][1].answer_ids
     assert hot[1][0].answer_ids != hot[2][0].answer_ids != greedy.answer_ids
@@ -344,4 +344,4 @@ def test_generate_from_an_export_folder_with_sampling_settings(exported, monkeyp
     assert code == 0, err
     assert out == "Oui.\n"
     with pytest.raises(FastftError, match="--top-p in"):
-        ex.generate(exported, [QUESTION], temperature=1.0, top_p=0)
+        gen.generate(exported, [QUESTION], temperature=1.0, top_p=0)
