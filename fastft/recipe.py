@@ -126,10 +126,11 @@ class DataConfig:
     )
     group_by_length: bool = doc(
         True,
-        "With `packing` off: put examples of similar length in the same micro-batch (transformers' length-grouped "
-        "sampler: random mega-batches of up to 50 micro-batches, each sorted by length), so less compute goes to "
-        "padding. The order stays random across groups, but the loss per step then varies with length. Ignored "
-        "with `packing`.",
+        "With `packing` off: put examples of similar length in the same micro-batch (transformers' length "
+        "grouping: random mega-batches of up to 50 optimizer steps' examples, all processes together, each sorted "
+        "by length), so less compute goes to padding. The order stays random across groups, but the loss per step "
+        "then varies with length. Each epoch's order depends on `train.seed` and the epoch only. Ignored with "
+        "`packing`.",
     )
     on_error: Literal["fail", "skip"] = doc(
         "fail", "A bad record stops the run (`fail`) or is skipped and reported with its line (`skip`)."

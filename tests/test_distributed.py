@@ -29,16 +29,17 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, tiny_recipe
+from conftest import ROOT, qa_rows, run_cli, tiny_recipe
 
-DDP_SETTINGS = ("--set", "train.batch_size=2", "--set", "train.save_steps=2")  # 2 processes x 2 = the recipe's 4
+# 2 processes x 2 = the recipe's 4; a checkpoint every step (one is resumed from in the second epoch)
+DDP_SETTINGS = ("--set", "train.batch_size=2", "--set", "train.save_steps=1", "--set", "train.save_total_limit=4")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start the two-process run, train the single-process one meanwhile, wait for both."""
     tmp = tmp_path_factory.mktemp("dist")
-    recipe = tiny_recipe(tmp, steps=4)
+    recipe = tiny_recipe(tmp, steps=4, rows=qa_rows(8))  # 2 optimizer steps per epoch, 2 epochs
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     two = subprocess.Popen([sys.executable, "-m", "fastft", "run", str(recipe), "--nproc", "2",
                             "--output", str(tmp / "two"), *DDP_SETTINGS],
@@ -93,7 +94,7 @@ def test_both_processes_finish_and_rank0_writes_once(runs):
     mark = json.loads((checkpoint / "fastft-complete").read_text())
     assert mark["step"] == 4 and mark["processes"] == 2
     # One writer: one log, one adapter folder, no temporary or displaced copies left beside it.
-    assert runs["out"].count("adapter saved in") == 1 and runs["out"].count("data: 16 train") == 1
+    assert runs["out"].count("adapter saved in") == 1 and runs["out"].count("data: 8 train") == 1
     assert sorted(p.name for p in runs["two"].iterdir()) == ["adapter", "checkpoints", "fastft.json", "recipe.toml"]
 
 
@@ -122,9 +123,32 @@ def test_adapter_equals_single_process_with_same_global_batch(runs):
 
 def test_throughput_counts_all_processes(runs):
     s2, s1 = (json.loads((runs[k] / "fastft.json").read_text()) for k in ("two", "one"))
-    # One epoch: every non-padding token once, whichever process trained on it.
-    assert s2["train_tokens"] == s1["train_tokens"] == s1["data"]["train_tokens"]
+    # Two epochs: every non-padding token twice, whichever process trained on it.
+    assert s2["train_tokens"] == s1["train_tokens"] == 2 * s1["data"]["train_tokens"]
     assert s2["train_tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_in_the_second_epoch_end_on_the_same_adapter(runs):
+    """Resumed from step 3 (halfway through epoch 2, so each process skips its first batch of that epoch):
+    every process derives the epoch's order from (seed, epoch) alone and deals itself the same batches."""
+    import shutil
+
+    assert runs["rc"] == 0, runs["err"][-3000:]
+    resumed = runs["tmp"] / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    for checkpoint in (resumed / "checkpoints").glob("checkpoint-*"):
+        if int(checkpoint.name.split("-")[1]) > 3:
+            shutil.rmtree(checkpoint)
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "fastft.json").unlink()
+    done = run_cli("run", str(runs["recipe"]), "--nproc", "2", "--output", str(resumed), "--resume", *DDP_SETTINGS,
+                   cwd=runs["tmp"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((resumed / "fastft.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    ours, uninterrupted = adapter(resumed), adapter(runs["two"])
+    assert ours.keys() == uninterrupted.keys()
+    assert all(torch.equal(ours[name], uninterrupted[name]) for name in uninterrupted)
 
 
 def test_resume_with_another_process_count_is_refused(runs):
