@@ -5,6 +5,7 @@ check that generation reproduces the trained behaviour and stops where training 
 """
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -319,8 +320,8 @@ def test_readme_quotes_the_tolerances_and_the_measured_fidelity():
     readme = (ROOT / "README.md").read_text()
     measured = json.loads((ROOT / "benchmarks" / "results" / "merge-fidelity.json").read_text())["fidelity"]
     for dtype in ("fp32", "fp16", "bf16"):
-        row = next(line for line in readme.splitlines() if line.startswith(f"| `{dtype}` |"))
-        _, allowed, figures = (cell.strip() for cell in row.strip("|").split("|"))
+        row = next(line.strip() for line in readme.splitlines() if line.strip().startswith(f"| `{dtype}` |"))
+        _, allowed, figures = (cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip("|")))
         assert allowed == f"{mg.TOLERANCE[dtype]:.0e}".replace("e-0", "e-") + " x max(1, largest \\|logit\\|)"
         r = measured[dtype]
         limit = r["tolerance"] * max(1.0, r["max_abs_logit"])
