@@ -25,8 +25,7 @@ from fastft.errors import FastftError
 from fastft.recipe import DataConfig, Recipe, template_fields
 from fastft.records import Record, RecordError, iter_records, load_hub, read_records  # noqa: F401 (re-exported)
 
-# alpaca-lora's prompt (templates/alpaca.json): Stanford Alpaca's, with a newline after "### Response:".
-ALPACA_PROMPT = (
+ALPACA_PROMPT = (  # alpaca-lora's: Stanford Alpaca's with a newline after "### Response:"
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
@@ -214,21 +213,15 @@ def render_prompt(text: str, cfg: DataConfig, tokenizer) -> str:
 def build_prompt(text: str, recipe: Recipe | None, tokenizer) -> tuple[str, list[int]]:
     """The prompt text and token ids for user text `text`, exactly as training put them before an answer.
 
-    A token that overlaps the answer carries the loss (`tokenize`), so with a BPE vocabulary the
-    first answer token can start inside the prompt (the space of `"Answer: {answer}"` in `" La"`);
-    the prompt then ends before it. The ids are found by tokenising the prompt with a probe answer
-    (a word, as most answers start) and keeping the tokens before the first loss-carrying one:
-    special tokens only where training added them. The text is the part of the prompt they cover
-    (the rest of it starts the answer). Without a recipe, `text` is used as is.
+    With BPE the first answer token can start inside the prompt (`" La"` after `"Answer:"`): the prompt is tokenised
+    with a probe answer (a word) as training does and cut before the first loss-carrying token. No recipe: `text`.
     """
     if recipe is None:
         return text, tokenizer(text)["input_ids"]
-    cfg = recipe.data
-    prompt = render_prompt(text, cfg, tokenizer)
+    cfg, prompt = recipe.data, render_prompt(text, recipe.data, tokenizer)
     if cfg.format == "text":  # a continuation: nothing marks where an answer starts
         return prompt, tokenizer(prompt)["input_ids"]
-    ((ids, labels, offsets),) = tokenize([[(prompt, False), ("Answer", True)]], tokenizer, "completion",
-                                         cfg.format == "chat")
+    ((ids, labels, offsets),) = tokenize([[(prompt, False), ("Answer", True)]], tokenizer, "completion", cfg.format == "chat")
     first = next(i for i, label in enumerate(labels) if label != -100)
     return prompt[: offsets[first][0]], list(ids[:first])
 
