@@ -107,8 +107,9 @@ def load_examples(src: Source, tokenizer, data: str | None, echo=print) -> tuple
             prompt, reference = prompt_and_answer(record, recipe.data, tokenizer)
         except RecordError as e:  # cannot happen for a record the pipeline kept; kept for a clear message
             raise FastftError(str(e)) from None
-        # Tokenised as `generate` tokenises a prompt: chat templates write their own special tokens.
-        prompt_ids = tokenizer(prompt, add_special_tokens=recipe.data.format != "chat")["input_ids"]
+        # The tokens training put before the (last) answer: with BPE an answer's first token can hold the
+        # end of the prompt (`" La"`), so tokenising the prompt text alone could end on a lone " ".
+        prompt_ids = ids[: max(i for i, t in enumerate(labels) if t != -100 and (i == 0 or labels[i - 1] == -100))]
         examples.append(Example(record.where, prompt, prompt_ids, reference, ids, labels))
     return examples, origin
 

@@ -136,3 +136,18 @@ def test_end_of_run_sample_prompts_with_the_training_prefix(bpe_tokenizer, tmp_p
     recipe.train.sample_prompt = FUSION[1]["question"]
     sample_answer(Recorder(), bpe_tokenizer, recipe, data)
     assert seen[1] == before_first_loss(data.train.input_ids[1], data.train.labels[1])
+
+
+def test_eval_prompts_are_the_training_prefix(bpe_tokenizer, tmp_path):
+    """`fastft eval` prompts each held-out example with exactly the tokens training put before its answer."""
+    from fastft import evaluation
+    from fastft.export import Source
+
+    recipe, _ = recipe_for("qa-space", tmp_path, FUSION[:6])
+    recipe.data.eval_path = recipe.data.path
+    examples, _ = evaluation.load_examples(Source(tmp_path, tmp_path, None, None, recipe), bpe_tokenizer, None,
+                                           echo=lambda *_: None)
+    assert len(examples) == 6
+    for e in examples:
+        assert e.prompt_ids == before_first_loss(e.input_ids, e.labels)
+        assert bpe_tokenizer.convert_ids_to_tokens(e.prompt_ids[-1]) == ":"  # not a lone " "
