@@ -109,3 +109,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fastft", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli(monkeypatch, capsys, *args) -> tuple:
+    """Run `fastft ARGS` in this process; return (exit code, stdout, stderr with line breaks folded)."""
+    from fastft.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fastft", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, " ".join(out.err.split())

@@ -8,27 +8,12 @@ traceback are what a user's shell sees.
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_QA, qa_rows, run_cli, tiny_recipe, write_jsonl, write_recipe
+from conftest import TINY_QA, cli, qa_rows, run_cli, tiny_recipe, write_jsonl, write_recipe
 
 from fastft.errors import FastftError
-
-
-def cli(monkeypatch, capsys, *args):
-    """Run `fastft ARGS` in this process; return (exit code, stdout, stderr with line breaks folded)."""
-    from fastft.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastft", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, " ".join(out.err.split())
 
 
 def make(tmp_path: Path, rows: list | None = None, lines: list | None = None, replace: dict | None = None) -> Path:

@@ -7,13 +7,11 @@ check that generation reproduces the trained behaviour and stops where training 
 import json
 import re
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli, tiny_recipe
+from conftest import cli, run_cli, tiny_recipe
 from fastft import merge as mg
 from fastft import export as ex
 from fastft import generate as gen
@@ -246,20 +244,6 @@ def other_base(tmp_path_factory):
     generation["eos_token_id"] = [5, generation["eos_token_id"], 6]
     (folder / "generation_config.json").write_text(json.dumps(generation))
     return folder
-
-
-def cli(monkeypatch, capsys, *args) -> tuple:
-    """`fastft ARGS` in this process: (exit code, stdout, stderr)."""
-    from fastft.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastft", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, " ".join(out.err.split())
 
 
 def test_merge_base_overwrite_and_the_bases_other_eos_ids(exported, merged, other_base, tmp_path, monkeypatch,
