@@ -20,6 +20,9 @@ from fastft.errors import FastftError
 @click.version_option(package_name="fastft")
 def cli():
     """fastft: LoRA/QLoRA fine-tuning from one TOML recipe, on the Unsloth or Hugging Face stack."""
+    from fastft.noise import install
+
+    install()  # third-party lines no user can act on (fastft/noise.py lists them)
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
