@@ -149,17 +149,17 @@ def model_shape(model_cfg) -> Shape:
 
     Raises `FastftError` when a Hub model's config.json is not available here.
     """
-    from fastft.models import ARCHITECTURES, SPECIAL_TOKENS, TINY, cache_dir, is_builtin
+    from fastft.models import ARCHITECTURES, SPECIAL_TOKENS, TINY, TINY_DIR, cache_dir, is_builtin
 
     if is_builtin(model_cfg.name):
         arch = "tiny" if model_cfg.name == TINY else model_cfg.name.removeprefix("random:")
-        built = cache_dir() / "models" / arch / "config.json"
-        if built.exists():
-            return shape_from_config(json.loads(built.read_text()))
-        if arch not in ARCHITECTURES:
+        if arch not in ARCHITECTURES or model_cfg.name == "random:tiny":
             from fastft.models import resolve_model
 
             resolve_model(model_cfg.name)  # raises the error listing the built-in models
+        built = (TINY_DIR if arch == "tiny" else cache_dir() / "models" / arch) / "config.json"
+        if built.exists():
+            return shape_from_config(json.loads(built.read_text()))
         config = dict(ARCHITECTURES[arch])
         if config["vocab_size"] is None:  # the tiny model's byte-level tokenizer: 256 bytes + special tokens
             config["vocab_size"] = 256 + len(SPECIAL_TOKENS)

@@ -1,13 +1,15 @@
-"""Where base models come from, including the ones fastft builds itself.
+"""Where base models come from, including the ones fastft ships or builds itself.
 
-- `fastft:tiny`: a 2-layer Llama with random weights and a byte-level tokenizer with a
-  chat template, built offline and deterministically. It makes `fastft run` work on a
-  CPU with no network (the embedded default) and is what the tests train.
+- `fastft:tiny`: a 4-layer Llama (hidden size 64, 0.28M parameters) with a byte-level
+  tokenizer and a chat template, pretrained by `scripts/pretrain_tiny.py` on the fusion texts
+  in `recipes/data/text/` and shipped inside the package (`fastft/assets/tiny/`, safetensors).
+  It makes `fastft run` work on a CPU with no network (the embedded default), already writes
+  French, so a one-minute fine-tune visibly learns, and is what the tests train.
 - `random:<arch>`: random weights with the exact shapes of a real architecture
   (`ARCHITECTURES`), so GPU runs and benchmarks need no download.
 - anything else: a Hugging Face id or a local folder, loaded as usual.
 
-Built models are saved once under the cache folder (`$FASTFT_CACHE`, default
+Random models are built once under the cache folder (`$FASTFT_CACHE`, default
 `~/.cache/fastft`) as safetensors and then loaded like any local model.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from fastft.errors import FastftError
 
 TINY = "fastft:tiny"
+TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"  # written by scripts/pretrain_tiny.py
 
 # The shapes that matter for speed and memory, from each model's published config.json.
 ARCHITECTURES = {
@@ -36,9 +39,11 @@ ARCHITECTURES = {
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
                          tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768),
-    # The embedded default: small enough to train on two CPU cores in seconds.
-    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=None,
+    # The embedded default's shape (scripts/pretrain_tiny.py trains it): small enough to fine-tune
+    # on two CPU cores in seconds, big enough to write French after pretraining.
+    # Every in/out size is a multiple of 64: bitsandbytes' CPU 4-bit kernels need that to generate.
+    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=256, vocab_size=None,
                  tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096),
 }
 
@@ -59,11 +64,16 @@ def is_builtin(name: str) -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """Return what `from_pretrained` should load for `name`, building built-in models on first use."""
+    """Return what `from_pretrained` should load for `name`, building `random:` models on first use."""
     if not is_builtin(name):
         return name
-    arch = "tiny" if name == TINY else name.removeprefix("random:")
-    if arch not in ARCHITECTURES or (arch == "tiny" and name != TINY):
+    if name == TINY:
+        if not (TINY_DIR / "model.safetensors").exists():
+            raise FastftError(f"`fastft:tiny` is missing from this installation ({TINY_DIR}); reinstall fastft, "
+                              "or rebuild it with `python scripts/pretrain_tiny.py` from a fastft checkout.")
+        return str(TINY_DIR)
+    arch = name.removeprefix("random:")
+    if arch not in ARCHITECTURES or arch == "tiny":
         raise FastftError(
             f"`model.name` = \"{name}\" is not a known built-in model. Use `fastft:tiny` or one of "
             + ", ".join(f"`random:{a}`" for a in ARCHITECTURES if a != "tiny") + "."
@@ -108,11 +118,11 @@ def _build(arch: str, folder: Path) -> None:
     model_type = shape.pop("model_type")
     config = AutoConfig.for_model(
         model_type, **shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, torch_dtype="float32" if arch == "tiny" else "bfloat16",
+        bos_token_id=None, torch_dtype="bfloat16",
     )
-    dtype = torch.float32 if arch == "tiny" else torch.bfloat16
+    dtype = torch.bfloat16
     device = "cpu"
-    if arch != "tiny" and torch.cuda.is_available():
+    if torch.cuda.is_available():
         # Random init is the slow part: about a minute per billion parameters on a few CPU cores
         # (an 8B model would take many minutes), seconds on a GPU. Use the GPU when the model fits.
         with torch.device("meta"):
