@@ -155,7 +155,7 @@ def write_outputs(report: dict, out: Path, echo=print) -> list[Path]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        echo("note: matplotlib is not installed (`pip install -e \".[dev]\"`): no chart written")
+        echo("note: matplotlib is not installed (`pip install matplotlib`): no chart written")
         return written
     tmp = png_path.with_name(f".{png_path.name}.tmp")
     chart(report, tmp)

@@ -4,7 +4,8 @@
             (everything that can be wrong is found before the model loads)
     train:  model + LoRA -> trainer -> train (resumable, interruptible; retried with a smaller
             setup if an automatic plan runs out of GPU memory in the first steps)
-    save:   adapter + tokenizer (atomically) -> run summary -> sample answer
+    save:   adapter + tokenizer (atomically) -> base and fine-tuned sample answers -> run summary
+            -> loss plot -> end-of-run report (fastft/run_report.py)
 
 The run folder and its files are `fastft/runs.py`'s job; the data pipeline is `fastft/data.py`'s.
 Under torchrun/`accelerate launch` (or `fastft run --nproc N`) every process runs this same
@@ -33,10 +34,10 @@ from fastft.data import prepare
 from fastft.distributed import (any_process, check_processes, is_main_process, local_main_first, torchrun_command,
                                 world_size)
 from fastft.errors import FastftError
-from fastft.generate import sample_answer
 from fastft.models import load_tokenizer, resolve_model
 from fastft.plan import FALLBACK_STEPS, Plan, apply_setup, plan_for_run, recipe_setting, toml_value
 from fastft.recipe import Recipe, load_recipe
+from fastft.run_report import eval_losses, evaluate_at_end, report_end_of_run, sample_answers, write_loss_plot
 from fastft.runs import (Callback, MarkComplete, atomic_write, check_resumable, check_same_data, claim_run_dir,
                          drop_incomplete_checkpoints, explain_disk_full, latest_checkpoint, library_versions,
                          open_run_dir, refuse_pickle_weights, resume_command, run_folder, save_adapter)
@@ -105,6 +106,7 @@ def run(recipe_path: str, backend: str = "hf", overrides: tuple = (), output: st
             )
 
         # --- save
+        evaluate_at_end(trainer, eval_data=len(data.eval) > 0)  # every process: evaluation is a collective
         summary = run_summary(recipe_path, planned, engine.name, data, trainer, result, plan, checkpoint, started)
         save_run(trainer, tokenizer, planned, data, run_dir, summary, disk_full, echo)
         return run_dir
@@ -177,6 +179,7 @@ def run_summary(recipe_path, recipe: Recipe, backend: str, data, trainer, result
         "seed": recipe.train.seed, "dataset_fingerprint": data.fingerprint, "data": data.stats,
         "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
+        "eval_loss_before": eval_losses(trainer.state.log_history)[0],
         "train_runtime_s": round(runtime, 2), "processes": world_size(),
         # Throughput of the whole run, all processes counted: non-padding tokens (prompt included).
         "train_tokens": tokens, "train_tokens_per_second": round(tokens / runtime, 1) if runtime else None,
@@ -187,7 +190,7 @@ def run_summary(recipe_path, recipe: Recipe, backend: str, data, trainer, result
 
 
 def save_run(trainer, tokenizer, recipe: Recipe, data, run_dir: Path, summary: dict, disk_full, echo) -> None:
-    """Save the adapter and the summary (rank 0), then show the losses and a sample answer."""
+    """Save the adapter, the summary and the loss plot (rank 0), then report (fastft/run_report.py)."""
     # Under FSDP each process holds a shard of every weight: gathering them is a collective.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if not is_main_process():
@@ -197,18 +200,14 @@ def save_run(trainer, tokenizer, recipe: Recipe, data, run_dir: Path, summary: d
         sum(f.stat().st_size for f in tokenizer_files.glob("*.json")) if tokenizer_files.is_dir() else 10_000_000)
     with disk_full("the adapter", run_dir / "adapter", size):
         save_adapter(trainer.model, tokenizer, recipe, run_dir / "adapter", state_dict=state_dict)
-    text = json.dumps(summary, indent=2)
-    with disk_full("the run summary", run_dir / "fastft.json", len(text)):
-        atomic_write(run_dir / "fastft.json", text)
-    echo(f"loss: first {summary['first_loss']}, last {summary['final_loss']}"
-         + (f", eval {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else ""))
-    echo(f"throughput: {summary['train_tokens_per_second']} tokens/s over {summary['processes']} process(es), "
-         f"{summary['train_tokens']:,} tokens in {summary['train_runtime_s']:.1f} s")
-    echo(f"adapter saved in {run_dir / 'adapter'} ({summary['wall_time_s']:.0f} s)")
     # A sharded model can only generate with every process taking part; skip the sample there.
-    sample = None if trainer.is_fsdp_enabled else sample_answer(trainer.model, tokenizer, recipe, data)
-    if sample:
-        echo(f"sample: {sample[0]!r}\n  -> {sample[1]!r}")
+    summary["sample"] = None if trainer.is_fsdp_enabled else sample_answers(trainer.model, tokenizer, recipe, data)
+    text = json.dumps(summary, indent=2, ensure_ascii=False)
+    with disk_full("the run summary", run_dir / "fastft.json", len(text.encode())):
+        atomic_write(run_dir / "fastft.json", text)
+    with disk_full("the loss plot", run_dir / "loss.png", 100_000):
+        plotted = write_loss_plot(trainer.state.log_history, run_dir / "loss.png", f"{recipe.name}: {recipe.model.name}")
+    report_end_of_run(run_dir, summary, trainer.state.log_history, echo, plotted)
 
 
 def launch(nproc: int, recipe_path: str, backend: str = "hf", overrides: tuple = (), output: str | None = None,
@@ -274,6 +273,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, eval_data: bool) -> dict:
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=None,  # fastft deletes old checkpoints itself, once the new one is complete (MarkComplete)
         eval_strategy=("steps" if eval_every else "epoch") if eval_data else "no", eval_steps=eval_every,
+        eval_on_start=eval_data,  # the eval loss before training (the untrained adapter leaves the base as is)
         report_to=report, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         gradient_checkpointing=False,  # the backend has already set it up its own way
         # LoRA uses every trainable weight in every step: DDP's search for unused ones only costs a graph

@@ -94,8 +94,9 @@ def test_both_processes_finish_and_rank0_writes_once(runs):
     mark = json.loads((checkpoint / "fastft-complete").read_text())
     assert mark["step"] == 4 and mark["processes"] == 2
     # One writer: one log, one adapter folder, no temporary or displaced copies left beside it.
-    assert runs["out"].count("adapter saved in") == 1 and runs["out"].count("data: 8 train") == 1
-    assert sorted(p.name for p in runs["two"].iterdir()) == ["adapter", "checkpoints", "fastft.json", "recipe.toml"]
+    assert runs["out"].count("adapter: ") == 1 and runs["out"].count("data: 8 train") == 1
+    assert sorted(p.name for p in runs["two"].iterdir()) == ["adapter", "checkpoints", "fastft.json", "loss.png",
+                                                           "recipe.toml"]
 
 
 def test_the_launcher_claims_the_folder_for_the_whole_torchrun_job(runs):

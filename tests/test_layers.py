@@ -15,11 +15,11 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "fastft"
 LOWER = {"fastft.errors", "fastft.recipe", "fastft.distributed", "fastft.models", "fastft.records", "fastft.tokenized",
-         "fastft.data", "fastft.batching", "fastft.runs", "fastft.claim", "fastft.memory", "fastft.backends",
+         "fastft.data", "fastft.batching", "fastft.runs", "fastft.claim", "fastft.memory", "fastft.noise", "fastft.backends",
          "fastft.backends.hf", "fastft.backends.unsloth"}
 HIGHER = {"fastft", "fastft.__main__", "fastft.cli", "fastft.train", "fastft.plan", "fastft.plan_report",
           "fastft.export", "fastft.merge", "fastft.generate", "fastft.evaluation", "fastft.bench",
-          "fastft.bench_count", "fastft.bench_report"}
+          "fastft.bench_count", "fastft.bench_report", "fastft.run_report"}
 MAX_LINES = 500
 
 
