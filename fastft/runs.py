@@ -2,7 +2,9 @@
 
     outputs/<name>/
       recipe.toml      the resolved recipe (rerunnable as is)
-      fastft.json      run summary: backend, versions, seed, data fingerprint, tokens, losses, wall time
+      fastft.json      run summary: backend, versions, seed, data fingerprint, tokens, losses, wall time,
+                       eval loss before/after, the sample prompt's base and fine-tuned answers
+      loss.png         training and eval losses (fastft/run_report.py)
       adapter/         PEFT adapter (safetensors) and tokenizer, loadable with stock PEFT
       checkpoints/     resumable checkpoints, each marked complete only once fully written
       logs/            TensorBoard events
