@@ -98,12 +98,20 @@ def report_end_of_run(run_dir: Path, summary: dict, log_history: list, echo,
     sample = summary.get("sample")
     if sample:
         echo(f"sample: {sample['prompt']!r}\n  base:       {sample['base']!r}\n  fine-tuned: {sample['fine_tuned']!r}")
-    run = shlex.quote(str(run_dir))
+    run = shell_quote(str(run_dir))
     echo(f"adapter: {run_dir / 'adapter'}  ({summary['wall_time_s']:.0f} s)")
     echo(f"summary: {run_dir / 'fastft.json'}")
     echo(f"loss plot: {run_dir / 'loss.png'}" if plot_written
          else "loss plot: not written, matplotlib is not installed (pip install matplotlib)")
-    prompt = shlex.quote(sample["prompt"]) if sample else "'...'"
+    prompt = shell_quote(sample["prompt"]) if sample else '"..."'
     echo("next:\n"
          f"  fastft generate {run} --prompt {prompt}\n"
-         f"  fastft merge {run} --out {shlex.quote(str(run_dir) + '-merged')}")
+         f"  fastft merge {run} --out {shell_quote(str(run_dir) + '-merged')}")
+
+
+def shell_quote(text: str) -> str:
+    """Quote for a POSIX shell, readably: "Qu'est-ce ?" rather than shlex's 'Qu'"'"'est-ce ?'."""
+    quoted = shlex.quote(text)
+    if quoted == text or "'" not in text or any(c in text for c in '"$`\\!'):
+        return quoted
+    return f'"{text}"'

@@ -73,7 +73,8 @@ def test_loss_plot_and_the_final_lines_say_where_things_are(first_run):
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tail = "\n".join(done.stdout.splitlines()[-7:])
     for where in (f"adapter: {run_dir / 'adapter'}", f"summary: {run_dir / 'fastft.json'}",
-                  f"loss plot: {run_dir / 'loss.png'}", f"fastft generate {run_dir} --prompt",
+                  f"loss plot: {run_dir / 'loss.png'}",
+                  f"fastft generate {run_dir} --prompt \"Qu'est-ce qu'un tokamak ?\"",
                   f"fastft merge {run_dir} --out {run_dir}-merged"):
         assert where in tail, (where, tail)
 
@@ -135,3 +136,12 @@ def test_tiny_model_ships_pretrained_with_the_built_in_tokenizer(tokenizer):
     with torch.no_grad():
         loss = model(input_ids=unseen, labels=unseen).loss.item()
     assert loss < 3.0, loss  # measured 2.38; random weights give about ln(259) = 5.6 nats per byte
+
+
+@pytest.mark.parametrize("text", ["Qu'est-ce qu'un tokamak ?", "plain", "a b", 'say "hi", it\'s $HOME', "it's `x`!"])
+def test_next_commands_quote_arguments_for_the_shell(text):
+    import shlex
+
+    from fastft.run_report import shell_quote
+
+    assert shlex.split(shell_quote(text)) == [text]
