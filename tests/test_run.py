@@ -39,7 +39,8 @@ def test_quickstart_loss_falls_and_summary_is_complete(quickstart):
     assert summary["steps"] == 100 and summary["backend"] == "hf"
     assert summary["final_loss"] < 0.6 * summary["first_loss"], summary  # clearly learned, not noise
     assert summary["dataset_fingerprint"].startswith("sha256:")
-    assert summary["data"]["train_examples"] == 123 and summary["versions"]["transformers"]
+    assert summary["data"]["train_examples"] == 110 and summary["data"]["eval_examples"] == 13  # 123 pairs
+    assert summary["versions"]["transformers"]
     assert (run_dir / "recipe.toml").read_text().startswith("# resolved from")
 
 
