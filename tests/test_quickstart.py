@@ -135,7 +135,7 @@ def test_tiny_model_ships_pretrained_with_the_built_in_tokenizer(tokenizer):
                        "sa température grâce à des lasers.", return_tensors="pt").input_ids
     with torch.no_grad():
         loss = model(input_ids=unseen, labels=unseen).loss.item()
-    assert loss < 3.0, loss  # measured 2.38; random weights give about ln(259) = 5.6 nats per byte
+    assert loss < 3.5, loss  # measured 2.98; random weights give about ln(259) = 5.6 nats per byte
 
 
 @pytest.mark.parametrize("text", ["Qu'est-ce qu'un tokamak ?", "plain", "a b", 'say "hi", it\'s $HOME', "it's `x`!"])
