@@ -108,7 +108,7 @@ def test_packed_and_padded_give_the_same_loss_per_example(model, tokenizer, exam
         alone = token_losses(lu[i, :n], padded["labels"][i, :n])
         in_row = token_losses(lp[offset:offset + n], packed["labels"][0, offset:offset + n])
         assert len(alone) == len(in_row) > 0
-        torch.testing.assert_close(in_row, alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(in_row, alone, rtol=1e-5, atol=1e-5)  # fp32 rounding, relative to the loss
         assert abs(in_row.mean().item() - alone.mean().item()) < 1e-5
         offset += n
     # The model's own loss (the one training minimises) covers the same tokens in both layouts.
@@ -141,8 +141,10 @@ def test_no_attention_crosses_example_boundaries(model, tokenizer, examples):
 
     for lora in (True, False):
         a, b = slices([before, middle, after], lora), slices([before, changed, after], lora)
-        torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5)
-        torch.testing.assert_close(b[2], a[2], rtol=0, atol=1e-5)
+        # fp32 rounding (matmuls of other shapes) scales with the logits, as in merge's fidelity tolerance.
+        scale = max(1.0, a[0].abs().max().item(), a[2].abs().max().item())
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(b[2], a[2], rtol=0, atol=1e-5 * scale)
         assert not torch.allclose(b[1][:4], a[1][:4], atol=1e-2)  # the changed example itself did change
 
     # With a KV cache the mask code ignores the position ids and the neighbours do see each other:
