@@ -200,7 +200,7 @@ def test_all_linear_names_adapt_the_same_layers_as_hf(tiny):
 
     names = backend.all_linear_modules(model)
     assert adapted(names) == adapted("all-linear")
-    assert len(adapted(names)) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); not lm_head
+    assert len(adapted(names)) == 4 * 7  # 4 layers x (q, k, v, o, gate, up, down); not lm_head
 
 
 # --------------------------------------------------------------------------- same data
@@ -242,7 +242,7 @@ def test_lora_start_depends_on_the_seed_and_module_names_alone(tmp_path, monkeyp
     start = _lora_start(recipe_path)
     # Random numbers drawn between seeding and PEFT's initialisation change nothing.
     disturbed = _lora_start(recipe_path, draw_before_peft=True, monkeypatch=monkeypatch)
-    assert start.keys() == disturbed.keys() and len(start) == 2 * 2 * 7  # A and B, 2 layers x 7 projections
+    assert start.keys() == disturbed.keys() and len(start) == 2 * 4 * 7  # A and B, 4 layers x 7 projections
     assert all(torch.equal(start[n], disturbed[n]) for n in start)
 
     # Written out: one CPU generator seeded with train.seed; the adapters in sorted module-name order;
