@@ -28,9 +28,9 @@ def run_dir(tmp_path_factory):
     from fastft.train import run
 
     folder = tmp_path_factory.mktemp("export")
-    recipe = tiny_recipe(folder, steps=12, rows=ROWS + [{"question": "Sans réponse ?"}])  # line 17 is skipped
+    recipe = tiny_recipe(folder, steps=24, rows=ROWS + [{"question": "Sans réponse ?"}])  # line 17 is skipped
     # A high learning rate on a 4-bit base: the adapter must move the logits for the checks to mean anything.
-    # 12 steps put "Oui." and the EOS ahead of every other token by at least 0.4 logits at each step.
+    # 24 steps on the pretrained fastft:tiny (12 were enough for random weights) make "Oui." and the EOS the greedy answer.
     return run(str(recipe), output=str(folder / "run"), echo=lambda *a: None,
                overrides=("model.quantization=4bit", "train.learning_rate=2e-2", "data.on_error=skip"))
 
@@ -69,7 +69,7 @@ def test_export_folder_loads_with_stock_peft(run_dir, exported):
     assert manifest["base_model"] == "fastft:tiny" and manifest["trained_quantization"] == "4bit"
     assert manifest["backend"] == "hf" and manifest["lora"]["r"] == 4
     assert manifest["dataset_fingerprint"] == summary["dataset_fingerprint"]
-    assert manifest["final_loss"] == summary["final_loss"] and manifest["steps"] == 12
+    assert manifest["final_loss"] == summary["final_loss"] and manifest["steps"] == 24
     assert manifest["export_versions"]["peft"] and manifest["train_versions"]["transformers"]
     assert manifest["stop_tokens"] == ["<|im_end|>"]
     assert (exported / "prompt_template.txt").read_text() == "Q: {prompt}\nA: "
