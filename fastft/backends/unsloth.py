@@ -285,7 +285,7 @@ def load_arguments(recipe, model_path: str, config) -> dict:
             raise FastftError(f"`{key}` = {str(value).lower()}: {OPTIONS[key]}. Remove it, or use `--backend hf`.")
     if recipe.model.dtype == "fp32":
         raise FastftError(
-            f"`model.dtype` = \"fp32\": Unsloth's trainer would train in bf16 anyway (it turns bf16 autocast on when "
+            "`model.dtype` = \"fp32\": Unsloth's trainer would train in bf16 anyway (it turns bf16 autocast on when "
             "bf16 and fp16 are both off) and without its fused LoRA kernels (16-bit weights only). Set it to \"auto\", "
             "\"bf16\" or \"fp16\", or use `--backend hf` for fp32 training."
         )
