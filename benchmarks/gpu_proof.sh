@@ -11,25 +11,29 @@
 #   --with-8b      also the 8B GPU tests and the planner on the 8B shape (up to 7 more minutes)
 #   --skip-tests   skip the pytest steps (the CPU test of this script does)
 #   --only STEPS   run only these steps (comma-separated names below), e.g. a rerun of the failed ones
+#   --deadline S   the whole proof ends within S seconds of its start: each step's budget is cut to
+#                  the time left (the summary's kept back), and a step with under 15 s left is skipped
 #
-# Steps, in order; each runs under `timeout` with the budget below (seconds), a failed or timed-out
+# Steps, in this order; each runs under `timeout` with the budget below (seconds), a failed or timed-out
 # step is recorded (exit status, its log in logs/) and the next one still runs. At its budget a step
 # gets SIGINT (pytest then still writes the XML of the tests that ran; plan_check keeps the setups
-# it measured), then SIGKILL 15 s later. GPU budgets add up to 450 s (7.5 min) without --with-8b;
-# they are estimates until the first GPU run, and any can be changed with an environment variable,
-# e.g. BUDGET_tests_gpu=400.
+# it measured), then SIGKILL 15 s later. Budgets can be changed with an environment variable, e.g.
+# BUDGET_tests_gpu=400. The measurements come first and the tests after them: a GPU is lent for
+# about 15 minutes, and the speed the project exists for is what must be measured if time runs out
+# (run with --deadline); the CPU suite runs last, since CI runs it on every change anyway.
 #   step                  GPU    what
 #   env                    10    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
-#   tests-cpu              60    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
-#   tests-gpu             120    python -m pytest -q -m "gpu and not gpu_8b" (1B) -> tests-gpu.xml
-#   tests-gpu-8b          240    --with-8b only: -m gpu_8b -> tests-gpu-8b.xml
-#   bench-synthetic       110    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
-#   bench-dataset-packed   50    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
-#   bench-dataset-padded   50    the same with data.packing=false (same examples, same order)
-#   planner                40    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
+#   bench-synthetic       150    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
+#   bench-dataset-packed   75    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
+#   bench-dataset-padded   75    the same with data.packing=false (same examples, same order)
+#   planner                90    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
 #                                and a simulated 12 GiB card: predicted vs measured peak memory
+#   tests-gpu             240    python -m pytest -m "gpu and not gpu_8b" (1B), one worker per test file
+#                                (pytest-xdist, where installed) -> tests-gpu.xml
+#   tests-cpu             600    python -m pytest -q -m "not gpu" (the whole CPU suite) -> tests-cpu.xml
+#   tests-gpu-8b          240    --with-8b only: -m gpu_8b -> tests-gpu-8b.xml
 #   planner-8b            180    --with-8b only: the same on the 8B shape on a simulated 16 GiB card
-#   summary                10    benchmarks/proof_summary.py -> SUMMARY.md
+#   summary                15    benchmarks/proof_summary.py -> SUMMARY.md
 # Without a GPU every step runs on fastft:tiny with a few steps (a few minutes on 2 cores) and
 # SUMMARY.md says it is a CPU harness run, not a performance result.
 #
@@ -42,7 +46,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "(steps and budgets: the comments at the top of $0)"; }
-OUT="" WITH_8B=0 SKIP_TESTS=0 ONLY=""
+OUT="" WITH_8B=0 SKIP_TESTS=0 ONLY="" DEADLINE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT=$2; shift 2 ;;
@@ -51,12 +55,14 @@ while [ $# -gt 0 ]; do
     --skip-tests) SKIP_TESTS=1; shift ;;
     --only) [ $# -ge 2 ] || { echo "error: --only needs step names" >&2; exit 2; }; ONLY=$2; shift 2 ;;
     --only=*) ONLY=${1#--only=}; shift ;;
+    --deadline) [[ ${2:-} =~ ^[0-9]+$ ]] || { echo "error: --deadline needs whole seconds" >&2; exit 2; }
+      DEADLINE=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "error: unknown option $1 (options: --out DIR, --with-8b, --skip-tests, --only STEPS)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (options: --out DIR, --with-8b, --skip-tests, --only STEPS, --deadline S)" >&2; exit 2 ;;
   esac
 done
 
-ALL="env tests-cpu tests-gpu tests-gpu-8b bench-synthetic bench-dataset-packed bench-dataset-padded planner planner-8b summary"
+ALL="env bench-synthetic bench-dataset-packed bench-dataset-padded planner tests-gpu tests-cpu tests-gpu-8b planner-8b summary"
 for name in ${ONLY//,/ }; do
   [[ " $ALL " == *" $name "* ]] || { echo "error: --only $ONLY: unknown step $name (steps: $ALL)" >&2; exit 2; }
 done
@@ -123,8 +129,11 @@ step_tests_cpu() {
 }
 
 # junit_logging keeps what the tests print (the loss parity figures) in the XML for the summary.
+# One xdist worker per test file: the files' GPU tests are independent and each uses a fraction of the card.
 step_tests_gpu() {
-  $PY -m pytest -q -m "gpu and not gpu_8b" -o junit_logging=system-out --junitxml="$OUT/tests-gpu.xml"
+  local parallel=""
+  $PY -c "import xdist" 2>/dev/null && parallel="-n 3 --dist loadfile"
+  $PY -m pytest -q -m "gpu and not gpu_8b" $parallel -o junit_logging=system-out --junitxml="$OUT/tests-gpu.xml"
 }
 
 step_tests_gpu_8b() {
@@ -184,6 +193,11 @@ record() {  # record NAME STATUS EXIT SECONDS BUDGET NOTE
 run_step() {  # run_step NAME GPU_BUDGET CPU_BUDGET
   local name=$1 var="BUDGET_${1//-/_}" budget
   budget=${!var:-$([ $MODE = gpu ] && echo "$2" || echo "$3")}
+  if [ -n "$DEADLINE" ] && [ $name != summary ]; then  # keep the summary's budget back
+    local left=$(( DEADLINE - ($(date +%s) - STARTED) - SUMMARY_BUDGET ))
+    if [ $left -lt 15 ]; then skip_step $name "--deadline $DEADLINE: ${left} s left"; return; fi
+    [ $left -lt $budget ] && budget=$left
+  fi
   local fn="step_${name//-/_}" log="$OUT/logs/$name.log" start rc status
   [[ ",${GPU_PROOF_FAIL:-}," == *",$name,"* ]] && fn=forced_failure
   printf '[%s] %-21s (budget %3s s) ' "$(date -u +%H:%M:%S)" "$name" "$budget"
@@ -221,16 +235,17 @@ step() {  # step NAME GPU_BUDGET CPU_BUDGET: run it unless an option leaves it o
   elif [ $WITH_8B = 0 ] && [[ $name == *-8b ]]; then skip_step $name "needs --with-8b"
   else run_step "$@"; fi
 }
+STARTED=$(date +%s) SUMMARY_BUDGET=$([ $MODE = gpu ] && echo 15 || echo 60)
 step env 10 60
-step tests-cpu 60 900
-step tests-gpu 120 120
+step bench-synthetic 150 180
+step bench-dataset-packed 75 180
+step bench-dataset-padded 75 180
+step planner 90 180
+step tests-gpu 240 120
+step tests-cpu 600 900
 step tests-gpu-8b 240 120
-step bench-synthetic 110 180
-step bench-dataset-packed 50 180
-step bench-dataset-padded 50 180
-step planner 40 180
 step planner-8b 180 180
-step summary 10 60  # always
+step summary 15 60  # always
 if [ -f "$OUT/SUMMARY.md" ]; then echo; cat "$OUT/SUMMARY.md"; echo "summary: $OUT/SUMMARY.md"; fi
 echo "$FAILED step(s) failed"
 [ $FAILED = 0 ]

@@ -65,7 +65,7 @@ class RecordBatches:
 def train(args) -> None:
     import fastft.train as run  # imports no transformers, so Unsloth can still come first
 
-    answer = run.sample_answer
+    answer = run.sample_answers
     batches = RecordBatches()
 
     def capture(model, tokenizer, recipe, data, **kwargs):
@@ -75,7 +75,7 @@ def train(args) -> None:
         save_file({"ids": ids, "logits": logits_of(model, ids)}, args.logits)
         return answer(model, tokenizer, recipe, data, **kwargs)
 
-    run.sample_answer = capture  # called by run() right after the adapter is saved
+    run.sample_answers = capture  # called by run() at the end of training, on the trained model
     run.run(args.recipe, backend=args.backend, overrides=tuple(args.set), output=args.output, callbacks=(batches,))
     Path(args.logits + ".batches.json").write_text(json.dumps(batches.digests))
 

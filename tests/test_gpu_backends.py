@@ -50,24 +50,42 @@ PATHS = [("16bit", ["model.quantization=16bit"]),
          ("short", ["data.max_length=256"])]  # below 512 tokens Unsloth's checkpointing is plain recomputation
 
 
-def _probe(*args, log, extra=()):
-    """Run one gpu_probe.py step in a fresh process; its output goes to `log`."""
-    sets = [a for o in [*OVERRIDES, *extra] for a in ("--set", o)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(PROBE), *args, *sets], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=1800)
-    log.write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, f"{' '.join(args[:2])} failed (log: {log}):\n{(result.stdout + result.stderr)[-4000:]}"
-    return result.stdout + result.stderr
+class Probe:
+    """One gpu_probe.py step, started at once in a fresh process; `output()` waits for it.
+
+    The module's 11 training and init processes run side by side (a 1B model takes a few GiB of
+    the card), so the whole module costs about as much GPU time as its slowest process."""
+
+    def __init__(self, *args, log, extra=()):
+        sets = [a for o in [*OVERRIDES, *extra] for a in ("--set", o)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+               # Unsloth writes generated source under a lock it waits 10 s for: one folder per process.
+               "UNSLOTH_COMPILE_LOCATION": str(log.with_suffix(".unsloth-cache")), "UNSLOTH_LOCK_TIMEOUT": "600"}
+        self.args, self.log = args, log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen([sys.executable, str(PROBE), *args, *sets], cwd=ROOT, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self):
+        code = self.process.wait(timeout=1800)
+        text = self.log.read_text()
+        assert code == 0, f"{' '.join(self.args[:2])} failed (log: {self.log}):\n{text[-4000:]}"
+        return text
 
 
-def _train(root, backend, name, extra=()):
+def _start_training(root, backend, name, extra=()):
     folder, logits = root / f"{backend}-{name}", root / f"{backend}-{name}-trained.safetensors"
-    output = _probe("train", backend, str(RECIPE), str(folder), str(logits), log=root / f"{backend}-{name}-train.log",
-                    extra=extra)
-    return {"dir": folder, "logits": logits, "log": output,
-            "summary": json.loads((folder / "fastft.json").read_text()),
-            "batches": json.loads((root / f"{logits.name}.batches.json").read_text())}
+    probe = Probe("train", backend, str(RECIPE), str(folder), str(logits), log=root / f"{backend}-{name}-train.log",
+                  extra=extra)
+    probe.folder, probe.logits = folder, logits
+    return probe
+
+
+def _trained(probe):
+    output = probe.output()
+    return {"dir": probe.folder, "logits": probe.logits, "log": output,
+            "summary": json.loads((probe.folder / "fastft.json").read_text()),
+            "batches": json.loads(probe.logits.with_name(f"{probe.logits.name}.batches.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -80,32 +98,49 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(root):
+def started(root):
+    """Every process that needs nothing but the model, started together: {(what, backend): Probe}."""
+    probes = {}
+    for backend in ("hf", "unsloth"):
+        # with lm_head trained and offloaded checkpointing: Unsloth's Linear(1, 1) before PEFT
+        probes["init", backend] = Probe("init", backend, str(RECIPE), str(root / f"{backend}-step0.safetensors"),
+                                        log=root / f"{backend}-init.log", extra=["train.gradient_checkpointing=offload"])
+        probes["main", backend] = _start_training(root, backend, "main")
+        for name, extra in PATHS:
+            probes[name, backend] = _start_training(root, backend, name, extra=[*extra, "train.max_steps=10"])
+    probes["packed", "unsloth"] = _start_training(root, "unsloth", "packed", extra=["data.packing=true"])
+    yield probes
+    for probe in probes.values():  # a test that failed early leaves none running
+        if probe.process.poll() is None:
+            probe.process.kill()
+
+
+@pytest.fixture(scope="module")
+def runs(started):
     """Train on both backends; return each run's folder, log, summary, batch digests and logits file."""
-    return {backend: _train(root, backend, "main") for backend in ("hf", "unsloth")}
+    return {backend: _trained(started["main", backend]) for backend in ("hf", "unsloth")}
 
 
 @pytest.fixture(scope="module")
 def loaded(runs, root):
     """Each backend's adapter loaded on the other stack: {trained_by: logits file}."""
-    out = {}
+    probes = {}
     for trained_by, stack in (("unsloth", "hf"), ("hf", "unsloth")):
         logits = root / f"{trained_by}-adapter-on-{stack}.safetensors"
-        _probe("load", stack, str(runs[trained_by]["dir"] / "adapter"), str(runs[trained_by]["logits"]), str(logits),
-               str(RECIPE), log=root / f"{trained_by}-adapter-on-{stack}.log")
-        out[trained_by] = logits
-    return out
+        probes[trained_by] = Probe("load", stack, str(runs[trained_by]["dir"] / "adapter"),
+                                   str(runs[trained_by]["logits"]), str(logits), str(RECIPE),
+                                   log=root / f"{trained_by}-adapter-on-{stack}.log")
+        probes[trained_by].logits = logits
+    return {trained_by: (probe.output(), probe.logits)[1] for trained_by, probe in probes.items()}
 
 
-def test_both_backends_start_from_the_same_adapter(root):
+def test_both_backends_start_from_the_same_adapter(started, root):
     from safetensors.torch import load_file
 
-    extra = ["train.gradient_checkpointing=offload"]  # with lm_head trained: Unsloth's Linear(1, 1) before PEFT
     start = {}
     for backend in ("hf", "unsloth"):
-        path = root / f"{backend}-step0.safetensors"
-        _probe("init", backend, str(RECIPE), str(path), log=root / f"{backend}-init.log", extra=extra)
-        start[backend] = load_file(path)
+        started["init", backend].output()
+        start[backend] = load_file(root / f"{backend}-step0.safetensors")
     assert start["hf"].keys() == start["unsloth"].keys() and len(start["hf"]) == 2 * 7 * 16  # A, B x 7 x 16 layers
     different = [n for n in start["hf"] if not torch.equal(start["hf"][n], start["unsloth"][n])]
     assert not different, f"{len(different)} LoRA weights differ at step 0, e.g. {different[:3]}"
@@ -143,15 +178,14 @@ def _assert_losses_agree(a, b, a_name, b_name):
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=0.05)
 
 
-def test_packing_on_unsloth_trains_as_padding_does(runs, root):
-    packed = _train(root, "unsloth", "packed", extra=["data.packing=true"])
+def test_packing_on_unsloth_trains_as_padding_does(runs, started):
+    packed = _trained(started["packed", "unsloth"])
     _assert_losses_agree(runs["unsloth"]["summary"], packed["summary"], "unsloth padded", "unsloth packed")
 
 
 @pytest.mark.parametrize("name, extra", PATHS, ids=[p[0] for p in PATHS])
-def test_other_paths_agree(root, name, extra):
-    extra = [*extra, "train.max_steps=10"]
-    hf, unsloth = (_train(root, backend, name, extra=extra) for backend in ("hf", "unsloth"))
+def test_other_paths_agree(started, name, extra):
+    hf, unsloth = (_trained(started[name, backend]) for backend in ("hf", "unsloth"))
     assert unsloth["batches"] == hf["batches"]
     _assert_losses_agree(hf["summary"], unsloth["summary"], f"hf ({name})", f"unsloth ({name})")
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_proof.sh"
-STEPS = ["env", "tests-cpu", "tests-gpu", "tests-gpu-8b", "bench-synthetic", "bench-dataset-packed",
-         "bench-dataset-padded", "planner", "planner-8b", "summary"]
+STEPS = ["env", "bench-synthetic", "bench-dataset-packed", "bench-dataset-padded", "planner", "tests-gpu",
+         "tests-cpu", "tests-gpu-8b", "planner-8b", "summary"]
 
 
 def proof(*args, env=None, cwd=None, timeout=600):
@@ -93,6 +93,22 @@ def test_only_runs_the_named_steps_and_always_the_summary(tmp_path):
     assert "| tests-gpu | skipped (not in --only) |" in (out / "SUMMARY.md").read_text()
     unknown = proof("--only", "env,planer", "--out", str(tmp_path / "other"), timeout=60)
     assert unknown.returncode == 2 and "unknown step planer" in unknown.stderr and not (tmp_path / "other").exists()
+
+
+def test_deadline_skips_the_steps_it_leaves_no_time_for_but_not_the_summary(tmp_path):
+    out = tmp_path / "proof"
+    # 60 s is the CPU summary's own budget, kept back: no step before it has 15 s left.
+    result = proof("--deadline", "60", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == STEPS
+    assert [s["status"] for s in steps] == ["skipped"] * 9 + ["ok"]
+    notes = {s["step"]: s["note"] for s in steps[:-1]}
+    assert {notes.pop("tests-gpu-8b"), notes.pop("planner-8b")} == {"needs --with-8b"}
+    assert all(note.startswith("--deadline 60: ") for note in notes.values()), notes
+    assert (out / "SUMMARY.md").exists()
+    bad = proof("--deadline", "soon", "--out", str(tmp_path / "other"), timeout=60)
+    assert bad.returncode == 2 and "--deadline needs whole seconds" in bad.stderr
 
 
 def test_refuses_a_results_folder_that_is_not_empty(tmp_path):
@@ -200,3 +216,26 @@ def test_summary_says_what_is_missing_and_why(tmp_path):
     assert "not measured: no packed results" in page
     assert "- environment: not recorded (the env step failed)" in page
     assert "| PASS |" not in page and "| FAIL |" not in page
+
+
+def test_the_gpu_tests_probe_trains_inits_and_loads_on_the_cpu(tmp_path):
+    """tests/gpu_probe.py, which every GPU parity test runs, on the hf stack and fastft:tiny: it cannot rot
+    between GPU runs (it once called a function the code had renamed, and only a GPU would have shown it)."""
+    import torch
+    from safetensors.torch import load_file
+    from test_gpu_backends import RECIPE, Probe, _start_training, _trained
+
+    tiny = ["model.name=fastft:tiny", "model.quantization=16bit", "model.dtype=fp32", "train.max_steps=3"]
+    init = Probe("init", "hf", str(RECIPE), str(tmp_path / "step0.safetensors"), log=tmp_path / "init.log", extra=tiny)
+    run = _trained(_start_training(tmp_path, "hf", "main", extra=tiny))
+    init.output()
+    assert run["summary"]["steps"] == 3 and len(run["batches"]) == 3
+    start = load_file(tmp_path / "step0.safetensors")
+    assert start and all(".lora_" in name for name in start)
+
+    loaded = Probe("load", "hf", str(run["dir"] / "adapter"), str(run["logits"]), str(tmp_path / "loaded.safetensors"),
+                   str(RECIPE), log=tmp_path / "load.log", extra=tiny)
+    loaded.output()
+    trained, again = load_file(run["logits"])["logits"], load_file(tmp_path / "loaded.safetensors")
+    assert torch.allclose(again["logits"], trained, atol=1e-4)  # the saved adapter gives the trained model back
+    assert not torch.allclose(again["base_logits"], trained, atol=1e-4)  # and the adapter changed something

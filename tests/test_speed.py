@@ -207,7 +207,8 @@ import json, sys, tempfile
 from pathlib import Path
 import torch
 from fastft.backends.hf import HFBackend, _has_liger_modules, fast_path
-from fastft.data import make_collator, prepare
+from fastft.batching import make_collator
+from fastft.data import prepare
 from fastft.models import load_tokenizer, resolve_model
 from fastft.recipe import load_recipe
 from fastft.train import training_arguments
@@ -230,10 +231,7 @@ print(json.dumps(dict(losses, fast=fast_path(recipe), liger_modules=_has_liger_m
 """
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_gpu_fast_path_gives_the_losses_of_the_pytorch_code(tmp_path):
-    import importlib.util
+def _losses_in_a_fresh_process(recipe, *overrides):
     import json
     import os
     import subprocess
@@ -241,16 +239,28 @@ def test_gpu_fast_path_gives_the_losses_of_the_pytorch_code(tmp_path):
 
     from conftest import ROOT
 
+    out = subprocess.run([sys.executable, "-c", GPU_LOSSES, str(recipe), *overrides], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_gpu_loss_script_runs_on_the_cpu(tmp_path):
+    # The GPU test below runs this script only on a GPU: here it cannot rot between GPU runs.
     make_recipe(tmp_path, mixed_rows(12), model={"dtype": "fp32"})
+    plain = _losses_in_a_fresh_process(tmp_path / "r.toml", "model.liger_kernels=false", "train.fused_loss=false")
+    assert plain["fast"]["attention"] == "sdpa" and not plain["liger_modules"]
+    assert plain["packed"] == pytest.approx(plain["padded"], rel=1e-5) and plain["padded"] > 0
 
-    def losses(*overrides):
-        out = subprocess.run([sys.executable, "-c", GPU_LOSSES, str(tmp_path / "r.toml"), *overrides],
-                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
 
-    fast = losses()
-    plain = losses("model.liger_kernels=false", "train.fused_loss=false", "model.attention=\"sdpa\"")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_fast_path_gives_the_losses_of_the_pytorch_code(tmp_path):
+    import importlib.util
+
+    make_recipe(tmp_path, mixed_rows(12), model={"dtype": "fp32"})
+    fast = _losses_in_a_fresh_process(tmp_path / "r.toml")
+    plain = _losses_in_a_fresh_process(tmp_path / "r.toml", "model.liger_kernels=false", "train.fused_loss=false", "model.attention=\"sdpa\"")
     liger = importlib.util.find_spec("liger_kernel") is not None
     assert fast["fast"]["liger_kernels"] == fast["liger_modules"] == liger
     assert fast["fast"]["fused_loss"] and not plain["fast"]["fused_loss"] and not plain["liger_modules"]
