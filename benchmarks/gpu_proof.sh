@@ -23,7 +23,7 @@
 # (run with --deadline); the CPU suite runs last, since CI runs it on every change anyway.
 #   step                  GPU    what
 #   env                    10    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
-#   bench-synthetic       150    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
+#   bench-synthetic       180    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
 #   bench-dataset-packed   75    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
 #   bench-dataset-padded   75    the same with data.packing=false (same examples, same order)
 #   planner                90    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
@@ -237,7 +237,7 @@ step() {  # step NAME GPU_BUDGET CPU_BUDGET: run it unless an option leaves it o
 }
 STARTED=$(date +%s) SUMMARY_BUDGET=$([ $MODE = gpu ] && echo 15 || echo 60)
 step env 10 60
-step bench-synthetic 150 180
+step bench-synthetic 180 180
 step bench-dataset-packed 75 180
 step bench-dataset-padded 75 180
 step planner 90 180
