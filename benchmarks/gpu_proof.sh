@@ -37,7 +37,8 @@
 # Without a GPU every step runs on fastft:tiny with a few steps (a few minutes on 2 cores) and
 # SUMMARY.md says it is a CPU harness run, not a performance result.
 #
-# ALPACA_JSON=FILE uses another Alpaca-format file for the dataset steps (the CPU test's small one).
+# ALPACA_JSON=FILE uses another Alpaca-format file for the dataset steps (the CPU test's small one);
+# DATASET_BACKENDS=unsloth runs them on fewer backends (default unsloth,hf), when GPU time is short.
 # Testing hook: GPU_PROOF_FAIL=step[,step] makes the named steps fail on purpose (exit 3), to check
 # that a failure is recorded and the later steps still run (tests/test_gpu_proof.py).
 set -uo pipefail
@@ -150,7 +151,8 @@ bench_dataset() {  # bench_dataset NAME [--set ...]
     return 2
   fi
   local name=$1; shift
-  $PY -m fastft bench benchmarks/alpaca.toml --workload dataset --backends unsloth,hf --set "data.path=$ALPACA" \
+  $PY -m fastft bench benchmarks/alpaca.toml --workload dataset --backends "${DATASET_BACKENDS:-unsloth,hf}" \
+    --set "data.path=$ALPACA" \
     "$@" $DATA_STEPS --out "$OUT/$name.json"
 }
 step_bench_dataset_packed() { bench_dataset bench-dataset-packed; }
