@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a child process needs to import this checkout's fastft, with the inherited path kept (on the
+# GPU machine the packages the tests need travel on PYTHONPATH: see ../shared/gpu/README.md).
+PYTHONPATH = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 RECIPES = ROOT / "recipes"
 
 # Never reach for the network; build models into a cache shared by the whole session.
@@ -106,7 +109,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run `python -m fastft ARGS` in a subprocess; return the CompletedProcess (text)."""
     import subprocess
 
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
     return subprocess.run([sys.executable, "-m", "fastft", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 

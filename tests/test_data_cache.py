@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES, ROOT, qa_rows, tiny_recipe, write_jsonl
+from conftest import PYTHONPATH, RECIPES, qa_rows, tiny_recipe, write_jsonl
 
 from fastft import tokenized
 from fastft.data import prepare
@@ -125,7 +125,7 @@ def test_two_processes_building_at_once_publish_one_complete_cache(tmp_path, cac
               "from fastft.recipe import load_recipe; r = load_recipe(sys.argv[1]); "
               "d = prepare(r, load_tokenizer(r.model), echo=lambda *a: None); "
               "print(json.dumps([d.fingerprint, d.stats['train_tokens'], sum(map(sum, d.train.labels))]))")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTFT_CACHE": str(cache.parent)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "FASTFT_CACHE": str(cache.parent)}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(recipe)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]

@@ -29,7 +29,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, qa_rows, run_cli, tiny_recipe
+from conftest import PYTHONPATH, qa_rows, run_cli, tiny_recipe
 
 # 2 processes x 2 = the recipe's 4; a checkpoint every step (one is resumed from in the second epoch)
 DDP_SETTINGS = ("--set", "train.batch_size=2", "--set", "train.save_steps=1", "--set", "train.save_total_limit=4")
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     """Start the two-process run, train the single-process one meanwhile, wait for both."""
     tmp = tmp_path_factory.mktemp("dist")
     recipe = tiny_recipe(tmp, steps=4, rows=qa_rows(8))  # 2 optimizer steps per epoch, 2 epochs
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     two = subprocess.Popen([sys.executable, "-m", "fastft", "run", str(recipe), "--nproc", "2",
                             "--output", str(tmp / "two"), *DDP_SETTINGS],
                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, qa_rows, tiny_recipe
+from conftest import PYTHONPATH, ROOT, qa_rows, tiny_recipe
 
 from fastft.claim import lock_file
 from fastft.runs import COMPLETE_MARK, latest_checkpoint
@@ -31,7 +31,7 @@ class Runner:
     """tests/fork_runner.py, driven from the test: start a `fastft` command, wait for it."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH}
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_runner.py")], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
@@ -103,7 +103,7 @@ def hold(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s claim (as a running `fastft run` does) until it is killed."""
     code = ("import sys, time; from pathlib import Path; from fastft.claim import take; "
             "take(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], env={**os.environ, "PYTHONPATH": PYTHONPATH},
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc

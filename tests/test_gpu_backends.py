@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from conftest import RECIPES, ROOT
+from conftest import PYTHONPATH, RECIPES, ROOT
 
 torch = pytest.importorskip("torch")
 
@@ -58,7 +58,7 @@ class Probe:
 
     def __init__(self, *args, log, extra=()):
         sets = [a for o in [*OVERRIDES, *extra] for a in ("--set", o)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2",
+        env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "2",
                # Unsloth writes generated source under a lock it waits 10 s for: one folder per process.
                "UNSLOTH_COMPILE_LOCATION": str(log.with_suffix(".unsloth-cache")), "UNSLOTH_LOCK_TIMEOUT": "600"}
         self.args, self.log = args, log
@@ -93,7 +93,7 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu-backends")
     # Build the random model once, in a process without Unsloth, so both backends load the same files.
     build = f"from fastft.models import resolve_model; resolve_model({MODEL_ID!r})"
-    subprocess.run([sys.executable, "-c", build], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    subprocess.run([sys.executable, "-c", build], cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH}, check=True)
     return root
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, qa_rows, tiny_recipe, write_jsonl
+from conftest import PYTHONPATH, qa_rows, tiny_recipe, write_jsonl
 
 from fastft.errors import FastftError
 from fastft.runs import COMPLETE_MARK, latest_checkpoint, save_adapter
@@ -92,7 +92,7 @@ def test_interrupt_saves_a_checkpoint_and_prints_the_exact_resume_command(refere
     out = tmp_path / "interrupted"
     sets = [a for o in OVERRIDES for a in ("--set", o)]
     args = ["run", str(recipe), *sets, "--output", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fastft", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     output = ""

@@ -237,10 +237,10 @@ def _losses_in_a_fresh_process(recipe, *overrides):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import PYTHONPATH
 
     out = subprocess.run([sys.executable, "-c", GPU_LOSSES, str(recipe), *overrides], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                         env={**os.environ, "PYTHONPATH": PYTHONPATH}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

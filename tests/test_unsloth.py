@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from conftest import RECIPES, ROOT, qa_rows, run_cli, tiny_recipe
+from conftest import PYTHONPATH, RECIPES, ROOT, qa_rows, run_cli, tiny_recipe
 from fastft.backends import unsloth as backend
 from fastft.errors import FastftError
 from fastft.recipe import SECTIONS, load_recipe
@@ -93,7 +93,7 @@ get_backend("hf")
 print(json.dumps({"after_import": after_import, "after_hf": [m for m in heavy if m in sys.modules]}))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert out.returncode == 0, out.stderr
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["after_import"] == []
@@ -121,7 +121,7 @@ except FastftError as e:
     print(e)
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "loaded:"
     assert not (tmp_path / "out").exists()
@@ -400,7 +400,7 @@ print(disabled)
     if user_value is not None:
         env["HF_HUB_DISABLE_TELEMETRY"] = user_value
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**env, "PYTHONPATH": str(ROOT)})
+                         env={**env, "PYTHONPATH": PYTHONPATH})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(disabled)
 
