@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,12 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
             return None
     ids = torch.tensor([ids], device=model.device)
     model.eval()
-    with torch.no_grad():
+    # Straight after training, trained weights are fp32 (PEFT keeps them so) on a 16-bit base: a trained
+    # embedding would feed fp32 into bf16 layers. Generate as training computed, under autocast.
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
+    mixed = torch.autocast(model.device.type, dtype=half) if half and torch.float32 in dtypes else nullcontext()
+    with torch.no_grad(), mixed:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=stop_token_ids(recipe, tokenizer),
                              pad_token_id=tokenizer.pad_token_id)
