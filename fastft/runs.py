@@ -295,6 +295,12 @@ def save_adapter(model, tokenizer, recipe: Recipe, folder: Path, state_dict: dic
         # fastft never resizes the vocabulary, so the base embeddings need not be saved, and PEFT need not
         # look the base model up (on the Hub, for an id) to find out.
         model.save_pretrained(swap.tmp, safe_serialization=True, state_dict=state_dict, save_embedding_layers=False)
+        # PEFT holds target_modules as a set and writes it in hash order, which differs from process to
+        # process: sorted, the same adapter gives the same file.
+        saved = swap.tmp / "adapter_config.json"
+        config = json.loads(saved.read_text())
+        config.update({k: sorted(v) for k, v in vars(model.peft_config["default"]).items() if isinstance(v, set)})
+        saved.write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(swap.tmp)
         swap.commit()
     except BaseException:

@@ -54,6 +54,9 @@ def test_adapter_reloads_with_stock_peft_and_gives_the_same_logits(quickstart):
     adapter = run_dir / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "fastft:tiny"  # the recipe's id, not a cache path
+    # PEFT's set of target modules, sorted: the same adapter gives the same file in every process (the
+    # GPU parity test once saw hf and unsloth write the same modules in different orders).
+    assert len(config["target_modules"]) > 2 and config["target_modules"] == sorted(config["target_modules"])
     assert (adapter / "adapter_model.safetensors").exists() and not list(adapter.glob("*.bin"))
     base = AutoModelForCausalLM.from_pretrained(resolve_model("fastft:tiny"), dtype=torch.float32)
     with torch.no_grad():
