@@ -24,9 +24,9 @@
 #   step                  GPU    what
 #   env                    10    nvidia-smi, GPU name, driver, library versions -> env.json, nvidia-smi.txt
 #   bench-synthetic       180    fastft bench benchmarks/bench.toml, rows unsloth,hf,hf-stock, 10 + 20 steps
-#   bench-dataset-packed   75    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
-#   bench-dataset-padded   75    the same with data.packing=false (same examples, same order)
-#   planner                90    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
+#   bench-dataset-packed  160    fastft bench benchmarks/alpaca.toml --workload dataset, unsloth,hf, 5 + 15 steps
+#   bench-dataset-padded  160    the same with data.packing=false (same examples, same order)
+#   planner               150    benchmarks/plan_check.py on the 1B shape, hf and unsloth, the whole card
 #                                and a simulated 12 GiB card: predicted vs measured peak memory
 #   tests-gpu             240    python -m pytest -m "gpu and not gpu_8b" (1B), one worker per test file
 #                                (pytest-xdist, where installed) -> tests-gpu.xml
@@ -240,9 +240,9 @@ step() {  # step NAME GPU_BUDGET CPU_BUDGET: run it unless an option leaves it o
 STARTED=$(date +%s) SUMMARY_BUDGET=$([ $MODE = gpu ] && echo 15 || echo 60)
 step env 10 60
 step bench-synthetic 180 180
-step bench-dataset-packed 75 180
-step bench-dataset-padded 75 180
-step planner 90 180
+step bench-dataset-packed 160 180
+step bench-dataset-padded 160 180
+step planner 150 180
 step tests-gpu 240 120
 step tests-cpu 600 900
 step tests-gpu-8b 240 120

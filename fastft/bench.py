@@ -125,15 +125,20 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
             "seq_len": seq_len, "steps": steps, "warmup": warmup, "shape": shape,
             "cpu_threads": None if cuda else os.environ.get("OMP_NUM_THREADS", "1")}
 
-    results = []
+    results, interrupted = [], False
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as tmp:
-        for row in rows:
-            echo(f"--- {row}")
-            result = run_row(row, spec, Path(tmp), echo)
-            results.append(result)
-            echo(f"    {summary_line(result)}")
-            if result["status"] == "error" and result["output_tail"].strip():  # how it ended; all of it in the JSON
-                echo("\n".join("    | " + line for line in result["output_tail"].splitlines()[-15:]))
+        try:
+            for row in rows:
+                echo(f"--- {row}")
+                result = run_row(row, spec, Path(tmp), echo)
+                results.append(result)
+                echo(f"    {summary_line(result)}")
+                if result["status"] == "error" and result["output_tail"].strip():  # how it ended; all in the JSON
+                    echo("\n".join("    | " + line for line in result["output_tail"].splitlines()[-15:]))
+        except KeyboardInterrupt:  # Ctrl-C or a time box: the rows already measured are still written
+            interrupted = True
+            notes.append(f"interrupted: {', '.join(rows[len(results):])} not measured")
+            echo(f"note: {notes[-1]}")
 
     stock = next((r for r in results if r["backend"] == "hf-stock" and r["status"] == "ok"), None)
     for r in results:
@@ -160,6 +165,8 @@ def run_bench(recipe_path: str | None = None, backends: str = "unsloth,hf,hf-sto
     if out:
         for written in write_outputs(report, Path(out), echo):
             echo(f"wrote {written}")
+    if interrupted:
+        raise KeyboardInterrupt
     return report
 
 
@@ -182,12 +189,17 @@ def run_row(row: str, spec: dict, tmp: Path, echo) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "fastft.bench", "worker", str(spec_file), str(result_file)],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        if line.startswith(PROGRESS):
-            echo("    " + line[len(PROGRESS):])
-        else:
-            tail.append(line)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(PROGRESS):
+                echo("    " + line[len(PROGRESS):])
+            else:
+                tail.append(line)
+    except BaseException:  # interrupted: the row is not measured, and its worker must not run on
+        proc.kill()
+        proc.wait()
+        raise
     code = proc.wait()
     if result_file.exists():
         result = json.loads(result_file.read_text())

@@ -152,3 +152,30 @@ def test_default_recipe_is_the_issue_shape_and_its_data_loads(tokenizer):
         "random:llama-3.2-1b", "4bit", 16, ["all-linear"])
     assert (r.train.batch_size, r.data.max_length) == (4, 2048)
     assert prepare(r, tokenizer, echo=lambda *a: None).stats["train_examples"] == 123
+
+
+def test_an_interrupted_bench_still_writes_the_rows_it_measured(tmp_path):
+    """A time box (gpu_proof.sh) or Ctrl-C during a row: the rows before it are kept, the row stopped."""
+    import signal
+    import subprocess
+
+    from conftest import PYTHONPATH
+
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastft", "bench", "--backends", "hf,hf-stock", "--model",
+                             "fastft:tiny", "--batch-size", "2", "--seq-len", "64", "--warmup", "1", "--steps", "200",
+                             "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "hf-stock: step 2/" in line:  # the second row is training: stop the bench there
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["backend"], r["status"]) for r in report["rows"]] == [("hf", "ok")]
+    assert "interrupted: hf-stock not measured" in report["notes"]
+    assert (tmp_path / "bench.md").exists()
