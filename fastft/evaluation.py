@@ -27,7 +27,7 @@ from fastft.data import RecordError, prepare, prepare_file, prompt_and_answer, s
 from fastft.errors import FastftError
 from fastft.export import Source, base_model, load_model, locate
 from fastft.generate import load_for_generation
-from fastft.runs import atomic_dir, library_versions
+from fastft.runs import atomic_dir, disk_full_error, library_versions
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # (key in eval.json, label in the table, digits shown)
@@ -246,16 +246,20 @@ def evaluate(source: str | Path, data: str | None = None, limit: int | None = No
     predictions = [{"where": e.where, "prompt": e.prompt, "reference": e.reference, "base": b[0], "fine_tuned": f[0],
                     "base_stopped": b[2], "fine_tuned_stopped": f[2]}
                    for e, b, f in zip(examples, base_answers, tuned_answers)]
+    files = {"eval.json": json.dumps(report, indent=2, ensure_ascii=False),
+             "predictions.jsonl": "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+             "eval.md": markdown(report, predictions)}
     out.parent.mkdir(parents=True, exist_ok=True)
     swap = atomic_dir(out)
     try:
-        (swap.tmp / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-        (swap.tmp / "predictions.jsonl").write_text(
-            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
-        (swap.tmp / "eval.md").write_text(markdown(report, predictions), encoding="utf-8")
+        for name, text in files.items():
+            (swap.tmp / name).write_text(text, encoding="utf-8")
         swap.commit()
-    except BaseException:
+    except BaseException as e:
         swap.abort()
+        full = disk_full_error(e, "the evaluation", out, sum(len(text.encode()) for text in files.values()))
+        if full:
+            raise full from None
         raise
     echo(table(report))
     echo(f"wrote {out}/eval.json, predictions.jsonl and eval.md")

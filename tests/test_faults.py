@@ -217,6 +217,14 @@ def test_a_full_disk_while_saving_the_adapter_or_an_export_leaves_nothing_half_w
     assert status == 2 and "Traceback" not in log, log
     assert f"Could not write the export to {tmp_path / 'export'}: a file grew past" in paragraph(log)
     assert [p.name for p in tmp_path.iterdir() if "export" in p.name] == ["export.log"]
+    # `fastft eval` on 64 examples: its predictions.jsonl (about 40 KB) passes a 20 KB limit that its
+    # log and eval.json stay under, after both models have answered.
+    data = Path(recipe).parent / "data.jsonl"
+    status, log = runner.run(["eval", out, "--data", data, "--limit", "64", "--max-new-tokens", "48",
+                              "--out", tmp_path / "eval"], tmp_path / "eval.log", fsize=20_000)
+    assert status == 2 and "Traceback" not in log, log
+    assert f"Could not write the evaluation to {tmp_path / 'eval'}: a file grew past" in paragraph(log)
+    assert [p.name for p in tmp_path.iterdir() if "eval" in p.name] == ["eval.log"]
 
 
 # --------------------------------------------------------------------------- kill -9 at any moment
