@@ -110,6 +110,28 @@ def test_the_launcher_claims_the_folder_for_the_whole_torchrun_job(runs):
     assert not lock_file(runs["two"]).exists()
 
 
+def test_a_plain_torchrun_job_on_a_held_folder_stops_every_rank(tmp_path):
+    """torchrun without --nproc: rank 0 claims the folder for all ranks; when another run holds it, every
+    rank exits 2 with the paragraph (rank 0 naming the holder) and nothing is written."""
+    from fastft.claim import take
+
+    recipe = tiny_recipe(tmp_path, steps=2, rows=qa_rows(8))
+    out = tmp_path / "out"
+    claim = take(out)  # this test process is the other run
+    try:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                                 "fastft", "run", str(recipe), "--output", str(out), *DDP_SETTINGS], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": PYTHONPATH}, capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        claim.release()
+    text = message(result)
+    assert result.returncode != 0 and text.count("exitcode : 2") == 2, text[-3000:]  # torchrun's report, per rank
+    assert f"[rank 0] error: {out} is in use by another fastft run (process {os.getpid()} on " in text
+    assert f"[rank 1] error: {out} is in use by another run (rank 0 says by which)." in text
+    assert not out.exists()
+
+
 def test_adapter_equals_single_process_with_same_global_batch(runs):
     two, one = adapter(runs["two"]), adapter(runs["one"])
     assert two.keys() == one.keys() and len(one) > 0
