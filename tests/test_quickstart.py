@@ -97,6 +97,21 @@ def test_noise_filter_drops_only_the_listed_message(caplog):
     assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
 
 
+def test_noise_filter_drops_liger_s_optional_backends_only(caplog):
+    """Liger's note that its Ascend or CuTe DSL variant of an op cannot load goes; its main backend's stays."""
+    from fastft.noise import install
+
+    install()
+    logger = logging.getLogger("liger_kernel.backends.registry")
+    message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level(logging.WARNING):
+        logger.warning(message, "liger_kernel.ops.backends._ascend.rope", "rope", "ImportError", "no tanh")
+        logger.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
+        logger.warning(message, "liger_kernel.ops.rope", "rope", "ImportError", "broken")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Backend impl 'liger_kernel.ops.rope' for op 'rope' could not be imported: ImportError: broken"]
+
+
 def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, monkeypatch):
     import sys
 
