@@ -114,7 +114,7 @@ def validate(recipe, overrides, examples):
         click.echo(click.style(f"--- example {i}", bold=True))
         click.echo("".join(click.style(f"«{t}»", fg="green") if loss else t for t, loss in pieces))
     click.echo(describe_data(data, r))
-    click.echo(describe_padding(data, r, tokenizer))
+    click.echo(describe_padding(data, r))
     click.echo(f"recipe OK: {recipe}")
 
 

@@ -349,6 +349,26 @@ def test_resume_in_a_later_epoch_gives_the_uninterrupted_adapter_exactly(epoch_r
     assert losses(run_dir / "checkpoints" / end) == losses(ref / "checkpoints" / end)
 
 
+def test_length_grouped_order_is_transformers_order():
+    """The numpy length grouping draws exactly transformers' `get_length_grouped_indices` order: sizes below and
+    above 4 and 50 mega-batches, ties (lengths 1-2) and spread lengths, with the longest example anywhere."""
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from fastft.batching import length_grouped
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 12, 50, 199, 1000, 4321, 30000):
+        for group_size in (1, 2, 3, 8, 32):
+            for longest in (3, 2000):
+                lengths = rng.integers(1, longest, n).tolist()
+                seed = n * 100 + group_size
+                expected = get_length_grouped_indices(lengths, group_size, generator=torch.Generator().manual_seed(seed))
+                got = length_grouped(np.array(lengths), group_size, torch.Generator().manual_seed(seed))
+                assert got == expected, (n, group_size, longest)
+
+
 @pytest.mark.parametrize("group_size", [0, 2], ids=["random", "group_by_length"])
 def test_each_epochs_order_depends_on_seed_and_epoch_alone(group_size):
     """Whatever ran before (earlier epochs, other draws from the global random state), epoch e has one order;

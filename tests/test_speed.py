@@ -159,19 +159,70 @@ def split_of(lengths):
     return Split([[65] * n for n in lengths], [[-100] + [65] * (n - 1) for n in lengths])
 
 
-def test_padding_waste_hand_counted(tokenizer):
+def test_padding_waste_hand_counted():
     from fastft.batching import padding_waste
 
     # Batches of 2 in order: (3, 5) -> 2 x 5 = 10, (2, 8) -> 16, (4) -> 4: 30 computed, 22 real.
-    w = padding_waste(split_of([3, 5, 2, 8, 4]), tokenizer, 2, packing=False, sampling="sequential")
+    w = padding_waste(split_of([3, 5, 2, 8, 4]), 2, packing=False, sampling="sequential")
     assert w == dict(real_tokens=22, computed_tokens=30, padding_tokens=8, padding_fraction=8 / 30)
-    packed = padding_waste(split_of([3, 5, 2, 8, 4]), tokenizer, 2, packing=True, sampling="sequential")
+    packed = padding_waste(split_of([3, 5, 2, 8, 4]), 2, packing=True, sampling="sequential")
     assert packed == dict(real_tokens=22, computed_tokens=22, padding_tokens=0, padding_fraction=0.0)
     # Grouped over batch x grad_accum = 4 examples (all of them here), sorted: (9, 9), (2, 2); in order (2, 9) twice.
     lengths = [2, 9, 2, 9]
-    grouped = padding_waste(split_of(lengths), tokenizer, 2, packing=False, sampling="group_by_length", grad_accum=2)
+    grouped = padding_waste(split_of(lengths), 2, packing=False, sampling="group_by_length", grad_accum=2)
     assert grouped["padding_tokens"] == 0
-    assert padding_waste(split_of(lengths), tokenizer, 2, packing=False, sampling="sequential")["padding_tokens"] == 14
+    assert padding_waste(split_of(lengths), 2, packing=False, sampling="sequential")["padding_tokens"] == 14
+
+
+@pytest.mark.parametrize("sampling", ["sequential", "random", "group_by_length"])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_padding_waste_counts_what_the_collator_builds(tokenizer, sampling, packing):
+    """The count from lengths alone equals the real collator's batches, fed in the same order (uneven last batch)."""
+    import numpy as np
+
+    from fastft.batching import EpochOrder, make_collator, padding_waste
+
+    lengths = np.random.default_rng(1).integers(1, 300, 203)
+    split = split_of(lengths.tolist())
+    group = 5 * 2 if sampling == "group_by_length" else 0
+    order = list(range(len(lengths))) if sampling == "sequential" else EpochOrder(len(lengths), 7, lengths, group).order(0)
+    collate, computed = make_collator(tokenizer, packing), 0
+    for start in range(0, len(order), 5):
+        batch = [{"input_ids": np.zeros(lengths[i], dtype=np.int64)} for i in order[start:start + 5]]
+        computed += collate(batch)["input_ids"].numel()
+    got = padding_waste(split, 5, packing, sampling, grad_accum=2, seed=7)
+    assert got["computed_tokens"] == computed and got["real_tokens"] == int(lengths.sum())
+    assert (got["padding_tokens"] == 0) == packing
+
+
+def test_samplers_read_lengths_from_the_length_column(mixed, tokenizer, monkeypatch):
+    """The Trainer drops the `length` column (the model does not take it) before it asks for a sampler; the
+    length-grouped samplers, for training and evaluation, read it from the data they were given instead of
+    reading every example's tokens, with the orders transformers' own samplers draw from those lengths."""
+    import datasets
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from fastft.backends.hf import HFBackend
+    from fastft.batching import EpochOrder
+    from fastft.train import training_arguments
+
+    folder, data, model = mixed
+    recipe = make_recipe(folder, mixed_rows())
+    args = training_arguments(recipe, folder / "run", eval_data=True)
+    trainer = HFBackend().make_trainer(recipe, model, tokenizer, data.train.to_dataset(), data.train.to_dataset(), args,
+                                       callbacks=[])
+    lengths = [len(x) for x in data.train.input_ids]
+    given = [trainer._remove_unused_columns(d) for d in (trainer.train_dataset, trainer.eval_dataset)]
+    assert all("length" not in d.column_names for d in given)
+
+    def no_row_by_row(*args, **kwargs):
+        raise AssertionError("the sampler read the examples row by row")
+
+    monkeypatch.setattr(datasets.Dataset, "__iter__", no_row_by_row)
+    train_order, eval_order = trainer._get_train_sampler(given[0]), trainer._get_eval_sampler(given[1])
+    monkeypatch.undo()
+    assert list(train_order) == EpochOrder(len(lengths), 3, lengths, group_size=4).order(0)
+    assert list(eval_order) == list(LengthGroupedSampler(4, lengths=lengths, generator=torch.Generator().manual_seed(3)))
 
 
 def test_padding_waste_matches_the_trainers_batches(mixed, tokenizer):
@@ -180,9 +231,9 @@ def test_padding_waste_matches_the_trainers_batches(mixed, tokenizer):
 
     split = mixed[1].train
     _, shuffled = trainer_batches(mixed, tokenizer, group_by_length=False)
-    estimate = padding_waste(split, tokenizer, 4, packing=False, sampling="random")
+    estimate = padding_waste(split, 4, packing=False, sampling="random")
     assert abs(estimate["padding_fraction"] - waste(shuffled)[0]) < 0.15
-    assert padding_waste(split, tokenizer, 4, packing=True)["padding_tokens"] == 0
+    assert padding_waste(split, 4, packing=True)["padding_tokens"] == 0
 
 
 def test_validate_reports_padding(tmp_path):
