@@ -10,10 +10,9 @@ step to report or skip.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,18 +72,8 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[Record]:
                 n += 1
                 yield Record(str(path), n, row)
         return
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a BOM is tolerated, not required
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise FastftError(
-            f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}). "
-            "Re-save the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)."
-        ) from None
-    del raw
     if suffix == ".jsonl":
-        for n, line in enumerate(_lines(text), start=1):
+        for n, line in enumerate(_lines(_pieces(path)), start=1):
             if not line.strip():
                 continue
             try:
@@ -97,58 +86,143 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[Record]:
                 obj = {"__error__": f"expected a JSON object, got {type(obj).__name__}"}
             yield Record(str(path), n, obj)
     elif suffix == ".json":
-        for i, x in enumerate(_json_array(text, path)):
+        for i, x in enumerate(_json_array(path)):
             yield Record(str(path), i + 1, x if isinstance(x, dict) else {"__error__": "expected a JSON object"})
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+        reader = csv.DictReader(_text_lines(path))
         for row in reader:
             yield Record(str(path), reader.line_num, row)
     elif suffix == ".txt":
-        for n, line in enumerate(_lines(text), start=1):
+        for n, line in enumerate(_lines(_pieces(path)), start=1):
             if line.strip():
                 yield Record(str(path), n, {cfg.text_field: line})
     else:
+        _whole_text(path)  # a file that is not UTF-8 is reported as such first, as it always was
         raise FastftError(f"{path}: unsupported data file type `{suffix}`. Use .jsonl, .json, .csv, .parquet or .txt.")
 
 
-def _lines(text: str, chunk: int = 1 << 22) -> Iterator[str]:
-    """`text.splitlines()`, a piece at a time: cut after a newline, the pieces split exactly as the whole would."""
-    start = 0
-    while start < len(text):
-        cut = text.find("\n", start + chunk)
-        cut = len(text) if cut < 0 else cut + 1
-        yield from text[start:cut].splitlines()
-        start = cut
+# A file is read this many characters at a time: its whole text is never in memory at once (a 400 MB
+# JSON array of a million examples took 1.6 GB as one string).
+PIECE_CHARS = 1 << 22
 
 
-def _json_array(text: str, path: Path) -> Iterator:
-    """The items of a JSON array, decoded one at a time (a million records never sit in memory at once).
+def _pieces(path: Path) -> Iterator[str]:
+    """The file's text, `PIECE_CHARS` characters at a time: UTF-8, a BOM dropped, line endings as they are.
 
-    Anything unexpected is handed to `json.loads` for the whole text, which raises the exact error
-    (line and column) or returns what it is.
+    Invalid UTF-8 raises the error that decoding the whole file raises (`_whole_text`), when it is reached.
     """
-    decoder, space, done = json.JSONDecoder(), re.compile(r"[ \t\n\r]*"), 0
-    pos = space.match(text).end()
-    if text[pos:pos + 1] == "[":
-        pos = space.match(text, pos + 1).end()
-        if text[pos:pos + 1] == "]" and space.match(text, pos + 1).end() == len(text):
-            return
+    with open(path, encoding="utf-8-sig", newline="") as f:
         while True:
             try:
-                item, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError:
-                break
-            yield item
-            done += 1
-            pos = space.match(text, pos).end()
-            sep = text[pos:pos + 1]
-            pos = space.match(text, pos + 1).end()
-            if sep == "]" and pos == len(text):
+                piece = f.read(PIECE_CHARS)
+            except UnicodeDecodeError:
+                _whole_text(path)
+                raise  # (not reached: the whole file does not decode either)
+            if not piece:
                 return
-            if sep != ",":
-                break
+            yield piece
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The file's lines with their line endings, as `csv` reads them (UTF-8 errors as in `_pieces`)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError:
+            _whole_text(path)
+            raise
+
+
+def _whole_text(path: Path) -> str:
+    """The whole file's text; raises naming the line and byte where it is not valid UTF-8."""
+    raw = path.read_bytes()
     try:
-        items = json.loads(text)
+        return raw.decode("utf-8-sig")  # a BOM is tolerated, not required
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # e.start counts after a BOM
+        line = raw[:offset].count(b"\n") + 1
+        raise FastftError(
+            f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[offset]:02x} at offset {offset}). "
+            "Re-save the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)."
+        ) from None
+
+
+def _lines(pieces: Iterable[str]) -> Iterator[str]:
+    """`text.splitlines()` of the text made of `pieces`, as they come: the text is split after each piece's
+    last newline ("\n"), and the parts split exactly as the whole would ("\r\n" is never cut apart)."""
+    held: list[str] = []  # the text since the last newline
+    for piece in pieces:
+        cut = piece.rfind("\n") + 1
+        if not cut:
+            held.append(piece)
+            continue
+        held.append(piece[:cut])
+        yield from "".join(held).splitlines()
+        held = [piece[cut:]]
+    yield from "".join(held).splitlines()
+
+
+def _json_array(path: Path) -> Iterator:
+    """The items of a JSON array file, decoded one at a time from pieces of its text (a million records,
+    or the whole text, never sit in memory at once).
+
+    Text is read on whenever a step would look past what is read (an item cut off, a number that may
+    go on, the whitespace before the next one). Anything unexpected is handed to `json.loads` for the
+    whole text, which raises the exact error (line and column) or returns what it is.
+    """
+    decoder, space, done = json.JSONDecoder(), re.compile(r"[ \t\n\r]*"), 0
+    pieces, text, ended = _pieces(path), "", False
+
+    def more() -> None:
+        """Append at least as much text again as is held (a piece at least), unless the file has ended."""
+        nonlocal text, ended
+        got, wanted = [], max(PIECE_CHARS, len(text))
+        while not ended and wanted > 0:
+            piece = next(pieces, "")
+            ended, wanted = not piece, wanted - len(piece)
+            got.append(piece)
+        text += "".join(got)
+
+    def after_space(pos: int) -> int:
+        """The position of the first non-whitespace at or after `pos`; `len(text)` only at the end of the file."""
+        while (end := space.match(text, pos).end()) == len(text) and not ended:
+            more()
+        return end
+
+    try:
+        pos = after_space(0)
+        if text[pos:pos + 1] == "[":
+            pos = after_space(pos + 1)
+            if text[pos:pos + 1] == "]" and after_space(pos + 1) == len(text):
+                return
+            while True:
+                if pos > PIECE_CHARS:  # drop what is decoded
+                    text, pos = text[pos:], 0
+                try:
+                    while True:
+                        item, end = decoder.raw_decode(text, pos)
+                        if end < len(text) or ended:  # the character after the item is read: a number ends there
+                            break
+                        more()
+                except json.JSONDecodeError:
+                    if not ended:  # perhaps cut off: read on and decode it again
+                        more()
+                        continue
+                    break
+                yield item
+                done += 1
+                pos = after_space(end)
+                sep = text[pos:pos + 1]
+                pos = after_space(pos + 1)
+                if sep == "]" and pos == len(text):
+                    return
+                if sep != ",":
+                    break
+    finally:
+        pieces.close()
+    text = ""
+    try:
+        items = json.loads(_whole_text(path))
     except json.JSONDecodeError as e:
         raise FastftError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
     if not isinstance(items, list):

@@ -252,24 +252,31 @@ def test_a_token_that_overlaps_the_answer_carries_the_loss(tmp_path, cache):
 @pytest.mark.parametrize("text", [
     '[{"a": 1}, {"a": 2}]', ' \n[ ]\n', '[{"a": 1} , 3,\n"x", [1]]', '[{"a": 1},]', '[{"a": 1} {"a": 2}]',
     '[{"a": 1}', '{"a": 1}', '[{"a": 1}] x', '', '[{"a": NaN}]', '[1, 2]\n\n', '[{"a": "\u2028"}]',
+    '[12345, -Infinity, 1.5e10 ,{"é": "ü"}]  \n ', '[[], {}, 100]', '[{"a": 1}] ]', '\ufeff[{"a": 1}, 7]',
 ])
-def test_json_array_is_read_item_by_item_as_json_loads_reads_it(tmp_path, text):
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 1 << 22])
+def test_json_array_is_read_item_by_item_as_json_loads_reads_it(tmp_path, monkeypatch, text, piece):
+    """Items read from pieces of the file (cut anywhere: in a number, a string, the whitespace) are what
+    `json.loads` makes of the whole text, and its errors are the whole text's."""
+    from fastft import records
     from fastft.errors import FastftError
-    from fastft.records import _json_array
 
+    monkeypatch.setattr(records, "PIECE_CHARS", piece)
+    path = tmp_path / "d.json"
+    path.write_text(text, encoding="utf-8")
     try:
-        expected = json.loads(text)
+        expected = json.loads(text.removeprefix("\ufeff"))
         error = None
     except json.JSONDecodeError as e:
         expected, error = None, f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
     if error:
         with pytest.raises(FastftError, match=error.replace("(", r"\(").replace(")", r"\)")):
-            list(_json_array(text, tmp_path / "d.json"))
+            list(records._json_array(path))
     elif not isinstance(expected, list):
         with pytest.raises(FastftError, match="must be an array of objects"):
-            list(_json_array(text, tmp_path / "d.json"))
+            list(records._json_array(path))
     else:
-        assert list(_json_array(text, tmp_path / "d.json")) == expected
+        assert list(records._json_array(path)) == expected
 
 
 def test_lines_are_split_as_splitlines_splits_them():
@@ -277,4 +284,58 @@ def test_lines_are_split_as_splitlines_splits_them():
 
     text = "a\r\nb\n\nc\rd\u2028e\x85f\r\n\r\ng\n" * 50 + "last"
     for chunk in (1, 2, 3, 7, 1000):
-        assert list(_lines(text, chunk)) == text.splitlines()
+        assert list(_lines(text[i:i + chunk] for i in range(0, len(text), chunk))) == text.splitlines()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_a_big_file_is_never_held_whole(tmp_path, monkeypatch, suffix):
+    """Reading 8 MB of records keeps a few pieces of text in memory, not the file (Python's own allocations)."""
+    import csv
+    import tracemalloc
+
+    from fastft import records
+    from fastft.recipe import DataConfig
+
+    monkeypatch.setattr(records, "PIECE_CHARS", 1 << 16)
+    rows = [{"question": f"question {i} " + "é" * 60, "answer": f"answer {i} " + "x" * 100} for i in range(40_000)]
+    path = tmp_path / f"d{suffix}"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        if suffix == ".json":
+            json.dump(rows, f, ensure_ascii=False)
+        elif suffix == ".jsonl":
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        else:
+            writer = csv.DictWriter(f, ["question", "answer"])
+            writer.writeheader()
+            writer.writerows(rows)
+    assert path.stat().st_size > 8e6
+    tracemalloc.start()
+    try:
+        count = sum(1 for r in records.iter_records([str(path)], DataConfig()) if r.data["answer"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == len(rows)
+    assert peak < 2e6, f"{peak / 1e6:.1f} MB held while reading an {path.stat().st_size / 1e6:.0f} MB file"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".txt"])
+@pytest.mark.parametrize("bom", [False, True])
+def test_invalid_utf8_far_into_a_file_is_reported_as_for_the_whole_file(tmp_path, monkeypatch, suffix, bom):
+    """A bad byte after many pieces of good text: the same one-paragraph error, naming its line and offset."""
+    from fastft import records
+    from fastft.errors import FastftError
+    from fastft.recipe import DataConfig
+
+    monkeypatch.setattr(records, "PIECE_CHARS", 64)
+    lines = [json.dumps({"text": f"ligne {i} é"}, ensure_ascii=False).encode() for i in range(50)]
+    body = (b"[" + b",\n".join(lines) + b"]") if suffix == ".json" else b"\n".join(lines)
+    body = body.replace(b"ligne 37", b"ligne \xe97")  # latin-1 e-acute on line 38
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + (b"text\n" if suffix == ".csv" else b"") + body)
+    offset = path.read_bytes().index(b"\xe97")
+    line = 38 + (suffix == ".csv")
+    with pytest.raises(FastftError) as e:
+        list(records.iter_records([str(path)], DataConfig()))
+    assert str(e.value) == (f"{path}, line {line}: not valid UTF-8 (byte 0xe9 at offset {offset}). Re-save the file as "
+                            "UTF-8 (for example `iconv -f latin1 -t utf-8`).")
