@@ -89,8 +89,8 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
     else:  # the first training example's own tokens before its first loss-carrying one
         if recipe.data.format == "text" or not len(data.train):
             return None
-        labels = data.train.labels[0]
-        ids = data.train.input_ids[0][: next(i for i, t in enumerate(labels) if t != -100)]
+        first = data.train.dataset[0]  # that row alone: `Split.labels` would read every example
+        ids = first["input_ids"][: next(i for i, t in enumerate(first["labels"]) if t != -100)]
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if not ids:
             return None
