@@ -18,11 +18,12 @@ parent, so the sum overstates it). CPU: user + system seconds of the process and
 seconds much less, and CPU seconds / cores is what the wall time would be with the cores free
 and kept busy.
 
-With `--first-step` (on by default), `fastft run` is started on the largest size once its
-cache is warm (`train.max_steps = 1`, batch size 1) and the time from starting the process to
-the end of the first optimizer step is recorded.
+Then `fastft run` is started `--first-step` times (default 3, each in a fresh process and run
+folder) on the largest size, its cache warm (`train.max_steps = 1`, batch size 1), and the time
+from starting the process to the end of the first optimizer step is recorded.
 
-    python benchmarks/data_prep.py [--sizes 5000 50000 1000000] [--source PATH] [--out benchmarks/results/cpu-data-prep]
+    python benchmarks/data_prep.py [--sizes 5000 50000 1000000] [--source PATH] [--first-step 3]
+        [--out benchmarks/results/cpu-data-prep] [--note "the machine's state"]
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def measure(args: list[str], env: dict) -> dict:
             "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-def one_size(n: int, source: Path, first_step: bool) -> dict:
+def one_size(n: int, source: Path, first_step: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"fastft-data-{n}-") as tmp:
         tmp = Path(tmp)
         make_data(source, n, tmp / "alpaca.json")
@@ -157,12 +158,16 @@ def one_size(n: int, source: Path, first_step: bool) -> dict:
             print(f"{n:>9,} {phase}: prepare {out['prepare_s']:.1f} s, process {out['process_s']:.1f} s "
                   f"(CPU {m['cpu_s']:.0f} s), "
                   f"peak RSS {result[phase]['peak_rss_gb']} GB (sum {result[phase]['peak_rss_sum_gb']} GB)", flush=True)
-        if first_step:
-            m = measure(["-c", FIRST_STEP, str(tmp / "recipe.toml"), str(tmp / "run")], env)
+        for k in range(first_step):
+            load = round(os.getloadavg()[0], 2)
+            m = measure(["-c", FIRST_STEP, str(tmp / "recipe.toml"), str(tmp / f"run-{k}")], env)
             stamp = next(line for line in m["stdout"].splitlines() if line.startswith("FIRST_STEP "))
-            result["first_step_s"] = round(float(stamp.split()[1]) - m["started"], 2)
-            result["run_wall_s"], result["run_cpu_s"] = round(m["wall_s"], 2), round(m["cpu_s"], 1)
-            print(f"{n:>9,} run: first optimizer step {result['first_step_s']} s after start", flush=True)
+            result.setdefault("first_step", []).append({
+                "first_step_s": round(float(stamp.split()[1]) - m["started"], 2), "run_wall_s": round(m["wall_s"], 2),
+                "run_cpu_s": round(m["cpu_s"], 1), "peak_rss_gb": round(m["peak_rss_gb"], 3),
+                "load_average_1min_at_start": load})
+            print(f"{n:>9,} run {k + 1}: first optimizer step {result['first_step'][-1]['first_step_s']} s after start "
+                  f"(load {load})", flush=True)
         cache_mb = sum(f.stat().st_size for f in (tmp / "cache" / "data").rglob("*") if f.is_file()) / 1e6
         result["cache_mb"] = round(cache_mb, 1)
         result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
@@ -200,12 +205,13 @@ def markdown(results: list[dict], info: dict) -> str:
             f"{w['prepare_s']} s | {w['process_s']} s | {c['peak_rss_gb']} / {c['peak_rss_sum_gb']} GB | "
             f"{w['peak_rss_gb']} GB | {r['examples'] / c['prepare_s']:,.0f} | {r['cache_mb']:,.0f} MB | "
             f"{r['load_average_1min_at_start']}, {r['load_average_1min_at_end']} |")
-    steps = [r for r in results if "first_step_s" in r]
+    steps = [r for r in results if r.get("first_step")]
     if steps:
         lines += ["", "Time from starting `fastft run` (cache warm, `train.max_steps = 1`, batch size 1) to the end of "
-                  "its first optimizer step:", ""]
-        lines += [f"- {r['examples']:,} examples: {r['first_step_s']} s (the whole run: {r['run_wall_s']} s wall, "
-                  f"{r['run_cpu_s']} CPU s)" for r in steps]
+                  "its first optimizer step, each run in a fresh process:", ""]
+        lines += [f"- {r['examples']:,} examples, run {k}: {s['first_step_s']} s (the whole run: {s['run_wall_s']} s "
+                  f"wall, {s['run_cpu_s']} CPU s, peak RSS {s['peak_rss_gb']} GB; load average at start "
+                  f"{s['load_average_1min_at_start']})" for r in steps for k, s in enumerate(r["first_step"], 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +220,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000, 1000000])
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu-data-prep")
-    parser.add_argument("--no-first-step", dest="first_step", action="store_false")
+    parser.add_argument("--first-step", type=int, default=3, metavar="N",
+                        help="Runs of `fastft run` on the largest size (0: none).")
     parser.add_argument("--note", default="", help="A sentence about the machine's state, for the results file.")
     args = parser.parse_args()
-    results = [one_size(n, args.source, args.first_step and n == max(args.sizes)) for n in sorted(args.sizes)]
+    results = [one_size(n, args.source, args.first_step if n == max(args.sizes) else 0) for n in sorted(args.sizes)]
     info = {**machine(), "note": args.note}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
