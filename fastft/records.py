@@ -103,7 +103,7 @@ def _read_file(path: Path, cfg: DataConfig) -> Iterator[Record]:
 
 # A file is read this many characters at a time: its whole text is never in memory at once (a 400 MB
 # JSON array of a million examples took 1.6 GB as one string).
-PIECE_CHARS = 1 << 22
+PIECE_CHARS = 1 << 20
 
 
 def _pieces(path: Path) -> Iterator[str]:
@@ -166,17 +166,19 @@ def _json_array(path: Path) -> Iterator:
     """The items of a JSON array file, decoded one at a time from pieces of its text (a million records,
     or the whole text, never sit in memory at once).
 
-    Text is read on whenever a step would look past what is read (an item cut off, a number that may
-    go on, the whitespace before the next one). Anything unexpected is handed to `json.loads` for the
-    whole text, which raises the exact error (line and column) or returns what it is.
+    An item counts as decoded once the "," or "]" after it is read; until then (an item cut off,
+    a number that may go on, whitespace up to the end of what is read) more text is read and the
+    item decoded again. Anything unexpected is handed to `json.loads` for the whole text, which
+    raises the exact error (line and column) or returns what it is.
     """
     decoder, space, done = json.JSONDecoder(), re.compile(r"[ \t\n\r]*"), 0
     pieces, text, ended = _pieces(path), "", False
 
-    def more() -> None:
-        """Append at least as much text again as is held (a piece at least), unless the file has ended."""
+    def more(start: int) -> None:
+        """Append a piece, or as much text as is held from `start` on if that is more (so that an item
+        longer than a piece is decoded again a few times, not once per piece), unless the file has ended."""
         nonlocal text, ended
-        got, wanted = [], max(PIECE_CHARS, len(text))
+        got, wanted = [], max(PIECE_CHARS, len(text) - start)
         while not ended and wanted > 0:
             piece = next(pieces, "")
             ended, wanted = not piece, wanted - len(piece)
@@ -186,7 +188,7 @@ def _json_array(path: Path) -> Iterator:
     def after_space(pos: int) -> int:
         """The position of the first non-whitespace at or after `pos`; `len(text)` only at the end of the file."""
         while (end := space.match(text, pos).end()) == len(text) and not ended:
-            more()
+            more(pos)
         return end
 
     try:
@@ -199,24 +201,22 @@ def _json_array(path: Path) -> Iterator:
                 if pos > PIECE_CHARS:  # drop what is decoded
                     text, pos = text[pos:], 0
                 try:
-                    while True:
-                        item, end = decoder.raw_decode(text, pos)
-                        if end < len(text) or ended:  # the character after the item is read: a number ends there
-                            break
-                        more()
+                    item, end = decoder.raw_decode(text, pos)
+                    sep = after_space(end)
                 except json.JSONDecodeError:
+                    end = sep = -1
+                # Only a "," or "]" after it shows the item whole: "1.5" cut after "1" decodes as 1
+                if end < 0 or text[sep:sep + 1] not in (",", "]"):
                     if not ended:  # perhaps cut off: read on and decode it again
-                        more()
+                        more(pos)
                         continue
                     break
                 yield item
                 done += 1
-                pos = after_space(end)
-                sep = text[pos:pos + 1]
-                pos = after_space(pos + 1)
-                if sep == "]" and pos == len(text):
-                    return
-                if sep != ",":
+                pos = after_space(sep + 1)
+                if text[sep] == "]":
+                    if pos == len(text):
+                        return
                     break
     finally:
         pieces.close()
