@@ -9,7 +9,9 @@ Python process with its own empty data cache:
             format, tokenise with `data.num_proc` processes, write the cache
     warm    the same again: the cache is loaded
 
-Times: `prepare` alone (what the cache saves) and the whole process (imports included).
+Each measurement starts once the 1-minute load average is below `--quiet-load` (default 1.5),
+which is recorded with it. Times: `prepare` alone (what the cache saves) and the whole process
+(imports included).
 Memory: the peak resident set of the busiest process (the child's own rusage, from `os.wait4`
 in the parent: the largest of the preparing process and its tokenising workers) and the peak
 of their sum, sampled every 0.2 s with psutil (forked workers share pages with their
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the shared Alpaca sample beside the checkout (../shared/data), or beside the folder of worktrees
 CANDIDATES = (ROOT.parent / "shared/data/alpaca_5000.json", ROOT.parent.parent / "shared/data/alpaca_5000.json")
 SOURCE = next((p for p in CANDIDATES if p.is_file()), CANDIDATES[0])
+QUIET_LOAD = 1.5  # --quiet-load
 
 RECIPE = """[model]
 name = "fastft:tiny"
@@ -105,6 +108,17 @@ def make_data(source: Path, n: int, out: Path) -> None:
         f.write("]")
 
 
+def quiet_machine(below: float, patience_s: float = 600) -> float:
+    """Wait (up to `patience_s`) until the 1-minute load average is below `below`; return it.
+
+    A measurement that follows another (the cold build's two busy cores) would otherwise start
+    on a machine that is still busy by this measure."""
+    deadline = time.time() + patience_s
+    while os.getloadavg()[0] >= below and time.time() < deadline:
+        time.sleep(5)
+    return round(os.getloadavg()[0], 2)
+
+
 def measure(args: list[str], env: dict) -> dict:
     """Run a Python child; return its wall time, peak RSS (largest process, and sampled sum) and its output."""
     import psutil
@@ -148,18 +162,19 @@ def one_size(n: int, source: Path, first_step: int) -> dict:
         result = {"examples": n, "file_mb": round((tmp / "alpaca.json").stat().st_size / 1e6, 1),
                   "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
         for phase in ("cold", "warm"):
+            load = quiet_machine(QUIET_LOAD)
             m = measure(["-c", PREPARE, str(tmp / "recipe.toml")], env)
             out = json.loads(m["stdout"].strip().splitlines()[-1])
             result[phase] = {"prepare_s": round(out["prepare_s"], 2), "process_s": round(out["process_s"], 2),
                              "peak_rss_gb": m["peak_rss_gb"] and round(m["peak_rss_gb"], 3),
                              "peak_rss_sum_gb": round(m["peak_rss_sum_gb"], 3), "cpu_s": round(m["cpu_s"], 1),
-                             "said": out["said"]}
+                             "said": out["said"], "load_average_1min_at_start": load}
             result.update(train_examples=out["examples"], train_tokens=out["tokens"])
             print(f"{n:>9,} {phase}: prepare {out['prepare_s']:.1f} s, process {out['process_s']:.1f} s "
                   f"(CPU {m['cpu_s']:.0f} s), "
                   f"peak RSS {result[phase]['peak_rss_gb']} GB (sum {result[phase]['peak_rss_sum_gb']} GB)", flush=True)
         for k in range(first_step):
-            load = round(os.getloadavg()[0], 2)
+            load = quiet_machine(QUIET_LOAD)
             m = measure(["-c", FIRST_STEP, str(tmp / "recipe.toml"), str(tmp / f"run-{k}")], env)
             stamp = next(line for line in m["stdout"].splitlines() if line.startswith("FIRST_STEP "))
             result.setdefault("first_step", []).append({
@@ -194,7 +209,7 @@ def markdown(results: list[dict], info: dict) -> str:
         "default, each measurement in a fresh process with its own data cache.",
         "",
         "| examples | tokens | cold `prepare` | cold process (CPU s) | warm `prepare` | warm process | peak RSS cold "
-        "(largest process / sum) | peak RSS warm | examples/s cold | cache on disk | load avg (start, end) |",
+        "(largest process / sum) | peak RSS warm | examples/s cold | cache on disk | load avg at start (cold / warm) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -204,7 +219,7 @@ def markdown(results: list[dict], info: dict) -> str:
             f"{c['process_s']} s ({c['cpu_s']}) | "
             f"{w['prepare_s']} s | {w['process_s']} s | {c['peak_rss_gb']} / {c['peak_rss_sum_gb']} GB | "
             f"{w['peak_rss_gb']} GB | {r['examples'] / c['prepare_s']:,.0f} | {r['cache_mb']:,.0f} MB | "
-            f"{r['load_average_1min_at_start']}, {r['load_average_1min_at_end']} |")
+            f"{c.get('load_average_1min_at_start', '-')} / {w.get('load_average_1min_at_start', '-')} |")
     steps = [r for r in results if r.get("first_step")]
     if steps:
         lines += ["", "Time from starting `fastft run` (cache warm, `train.max_steps = 1`, batch size 1) to the end of "
@@ -223,7 +238,11 @@ def main() -> None:
     parser.add_argument("--first-step", type=int, default=3, metavar="N",
                         help="Runs of `fastft run` on the largest size (0: none).")
     parser.add_argument("--note", default="", help="A sentence about the machine's state, for the results file.")
+    parser.add_argument("--quiet-load", type=float, default=1.5,
+                        help="Start each measurement once the 1-minute load average is below this (waits up to 10 min).")
     args = parser.parse_args()
+    global QUIET_LOAD
+    QUIET_LOAD = args.quiet_load
     results = [one_size(n, args.source, args.first_step if n == max(args.sizes) else 0) for n in sorted(args.sizes)]
     info = {**machine(), "note": args.note}
     args.out.parent.mkdir(parents=True, exist_ok=True)
