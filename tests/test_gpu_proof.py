@@ -28,6 +28,13 @@ def proof(*args, env=None, cwd=None, timeout=600):
                           timeout=timeout)
 
 
+def recorded_steps(out) -> list:
+    """The steps as the script recorded them in steps.jsonl, in order."""
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == STEPS  # every step recorded, ran or not, in the script's order
+    return steps
+
+
 def alpaca_rows(n=48):
     """Alpaca-format records of varied lengths (with and without `input`), like the real set's."""
     return [{"instruction": f"Explain point {i} about fusion " + "in detail " * (i % 7),
@@ -46,8 +53,7 @@ def test_cpu_harness_runs_every_step_and_records_a_failed_one(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr  # one step failed
     assert "1 step(s) failed" in result.stdout
 
-    steps = {s["step"]: s for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
-    assert list(steps) == STEPS
+    steps = {s["step"]: s for s in recorded_steps(out)}
     assert steps["bench-synthetic"]["status"] == "failed" and steps["bench-synthetic"]["exit"] == 3
     for name in ("env", "bench-dataset-packed", "bench-dataset-padded", "planner", "summary"):
         assert steps[name]["status"] == "ok", (name, (out / steps[name]["log"]).read_text()[-3000:])
@@ -84,8 +90,7 @@ def test_only_runs_the_named_steps_and_always_the_summary(tmp_path):
     out = tmp_path / "proof"
     result = proof("--only", "env", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == STEPS
+    steps = recorded_steps(out)
     ran = [s["step"] for s in steps if s["status"] == "ok"]
     assert ran == ["env", "summary"]
     assert {s["note"] for s in steps if s["step"] not in ran} == {"not in --only"}
@@ -100,8 +105,7 @@ def test_deadline_skips_the_steps_it_leaves_no_time_for_but_not_the_summary(tmp_
     # 60 s is the CPU summary's own budget, kept back: no step before it has 15 s left.
     result = proof("--deadline", "60", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == STEPS
+    steps = recorded_steps(out)
     assert [s["status"] for s in steps] == ["skipped"] * 9 + ["ok"]
     notes = {s["step"]: s["note"] for s in steps[:-1]}
     assert {notes.pop("tests-gpu-8b"), notes.pop("planner-8b")} == {"needs --with-8b"}
