@@ -102,7 +102,9 @@ def sample_answer(model, tokenizer, recipe: Recipe, data, max_new_tokens: int = 
     half = next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), None)
     mixed = torch.autocast(model.device.type, dtype=half) if half and torch.float32 in dtypes else nullcontext()
     with torch.no_grad(), mixed:
+        # max_length=None: Unsloth's loader sets the model's to its context (131072), and transformers
+        # then warns at every call that max_new_tokens wins (seen twice at the end of each unsloth run).
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop_token_ids(recipe, tokenizer),
+                             max_length=None, do_sample=False, eos_token_id=stop_token_ids(recipe, tokenizer),
                              pad_token_id=tokenizer.pad_token_id)
     return prompt or text, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -106,3 +106,31 @@ def test_trainable_weights_stay_fp32_on_a_4bit_base(tmp_path, tokenizer):
                                    training_arguments(recipe, tmp_path, eval_data=False), [])
     trained = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("embed_tokens" in n for n in trained) and set(trained.values()) == {torch.float32}
+
+
+def test_end_of_run_sample_is_quiet_when_the_model_sets_a_max_length(caplog):
+    """Unsloth's loader sets generation_config.max_length to the model's context; the sample still answers
+    `max_new_tokens` tokens, without transformers' warning about the two settings at every call."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from fastft.data import prepare
+    from fastft.generate import sample_answer
+    from fastft.models import load_tokenizer, resolve_model
+    from fastft.recipe import load_recipe
+
+    recipe = load_recipe(RECIPES / "quickstart.toml")
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare(recipe, tokenizer, echo=lambda *_: None)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(recipe.model.name))
+    model.generation_config.max_length = 131072
+    recipe.train.sample_prompt = ""  # the first training example's prompt
+    hf_logging.enable_propagation()  # transformers' records reach caplog
+    try:
+        with caplog.at_level(logging.WARNING):
+            _, answer = sample_answer(model, tokenizer, recipe, data, max_new_tokens=12)
+    finally:
+        hf_logging.disable_propagation()
+    assert answer and not [r for r in caplog.records if "seem to have been set" in r.getMessage()]
