@@ -27,7 +27,7 @@ from fastft.data import RecordError, prepare, prepare_file, prompt_and_answer, s
 from fastft.errors import FastftError
 from fastft.export import Source, base_model, load_model, locate
 from fastft.generate import load_for_generation
-from fastft.runs import atomic_dir, disk_full_error, library_versions
+from fastft.runs import atomic_dir, explain_disk_full, library_versions
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # (key in eval.json, label in the table, digits shown)
@@ -250,17 +250,15 @@ def evaluate(source: str | Path, data: str | None = None, limit: int | None = No
              "predictions.jsonl": "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
              "eval.md": markdown(report, predictions)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    swap = atomic_dir(out)
-    try:
-        for name, text in files.items():
-            (swap.tmp / name).write_text(text, encoding="utf-8")
-        swap.commit()
-    except BaseException as e:
-        swap.abort()
-        full = disk_full_error(e, "the evaluation", out, sum(len(text.encode()) for text in files.values()))
-        if full:
-            raise full from None
-        raise
+    with explain_disk_full("the evaluation", out, sum(len(text.encode()) for text in files.values())):
+        swap = atomic_dir(out)
+        try:
+            for name, text in files.items():
+                (swap.tmp / name).write_text(text, encoding="utf-8")
+            swap.commit()
+        except BaseException:
+            swap.abort()
+            raise
     echo(table(report))
     echo(f"wrote {out}/eval.json, predictions.jsonl and eval.md")
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-# (logger name, start of the message, start of its first argument or ""): log records dropped from that logger.
+# (logger name, start of the message, start(s) of its first argument or ""): log records dropped from that logger.
 LOG_MESSAGES = [
     # bitsandbytes on a CPU with AVX512-BF16 looks for an optional Hub kernel package ("kernels") at
     # import, even for 16-bit runs, and falls back to its own code: nothing is wrong, nothing to do.
@@ -17,14 +17,12 @@ LOG_MESSAGES = [
     # Liger 0.8 probes its optional Ascend (NPU) and CuTe DSL backends of each op, and says so on an NVIDIA
     # GPU where they cannot load; its Triton kernels run (seen on an H200). A failing main backend still shows.
     ("liger_kernel.backends.registry", "Backend impl '%s' for op '%s' could not be imported",
-     "liger_kernel.ops.backends._ascend."),
-    ("liger_kernel.backends.registry", "Backend impl '%s' for op '%s' could not be imported",
-     "liger_kernel.ops.backends._cutedsl."),
+     ("liger_kernel.ops.backends._ascend.", "liger_kernel.ops.backends._cutedsl.")),
 ]
 
 
 class DropMessage(logging.Filter):
-    def __init__(self, prefix: str, arg_prefix: str = ""):
+    def __init__(self, prefix: str, arg_prefix: str | tuple[str, ...] = ""):
         super().__init__()
         self.prefix, self.arg_prefix = prefix, arg_prefix
 
