@@ -13,6 +13,7 @@ import textwrap
 
 import click
 
+from fastft.distributed import leave_process_group
 from fastft.errors import FastftError
 
 
@@ -279,6 +280,7 @@ def main():
         click.echo(rank + click.style(label, fg="red", bold=True) + message, err=True)
         if getattr(e, "command", ""):  # a command to copy, unwrapped on its own line
             click.echo("    " + e.command, err=True)
+        leave_process_group()
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -21,6 +21,7 @@ differences around 1e-8.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -126,9 +127,13 @@ def test_a_plain_torchrun_job_on_a_held_folder_stops_every_rank(tmp_path):
     finally:
         claim.release()
     text = message(result)
-    assert result.returncode != 0 and text.count("exitcode : 2") == 2, text[-3000:]  # torchrun's report, per rank
+    # torchrun's report, per rank: 2, or SIGTERM (-15) from torchrun once the other rank had exited with 2.
+    # Never SIGABRT (-6): gloo's threads aborted 5 runs in 20 before fastft left its process group on error.
+    codes = [int(c) for c in re.findall(r"exitcode : (-?\d+)", text)]
+    assert result.returncode != 0 and len(codes) == 2 and 2 in codes and set(codes) <= {2, -15}, text[-3000:]
     assert f"[rank 0] error: {out} is in use by another fastft run (process {os.getpid()} on " in text
-    assert f"[rank 1] error: {out} is in use by another run (rank 0 says by which)." in text
+    if codes.count(2) == 2:  # rank 1 ended by itself: it said why
+        assert f"[rank 1] error: {out} is in use by another run (rank 0 says by which)." in text
     assert not out.exists()
 
 
